@@ -1,0 +1,107 @@
+"""The two conversions as functions: ``hf_to_mcore`` and ``mcore_to_hf``.
+
+Both check their input before doing any work, write into a staging directory beside the
+destination and rename it into place at the end: a failure leaves nothing at DST.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+from megatron_sdzero.conversion.hf_io import HFWeights, copy_assets
+from megatron_sdzero.conversion.megatron_io import (
+    TRACKER,
+    ModelMeta,
+    check_destination,
+    hf_dtype_name,
+    hf_to_mcore_rank,
+    mcore_to_hf_rank,
+    publish,
+    read_source_config,
+    resolve_checkpoint,
+    staging_dir,
+    validate_hf_checkpoint,
+    write_hf_config,
+)
+from megatron_sdzero.models.architecture import architecture_from_hf
+from megatron_sdzero.models.builder import DTYPES, padded_vocab_size
+from megatron_sdzero.runtime.launch import run_on_ranks
+
+
+def hf_to_mcore(
+    src: str | Path,
+    dst: str | Path,
+    *,
+    tp: int = 1,
+    pp: int = 1,
+    params_dtype: str | None = None,
+    make_vocab_size_divisible_by: int = 128,
+    overwrite: bool = False,
+) -> Path:
+    src, dst = Path(src), Path(dst)
+    check_destination(dst, overwrite)
+    hf_config = read_source_config(src)
+    arch = architecture_from_hf(hf_config)
+    if arch.num_layers < pp:
+        raise ValueError(f"pp={pp} is larger than the number of layers ({arch.num_layers})")
+    padded_vocab_size(arch.vocab_size, make_vocab_size_divisible_by, tp)  # fails early on a bad tp
+    weights = HFWeights(src)
+    validate_hf_checkpoint(src, arch, weights)
+    dtype = params_dtype or hf_dtype_name(arch, weights)
+    if dtype not in DTYPES:
+        raise ValueError(f"params_dtype {dtype!r} is not one of {sorted(DTYPES)}")
+    meta = ModelMeta(hf_config, dtype, make_vocab_size_divisible_by, source=str(src.resolve()))
+    tmp = staging_dir(dst)
+    try:
+        start = time.perf_counter()
+        (tmp / "release").mkdir()
+        counts = run_on_ranks(hf_to_mcore_rank, tp * pp, str(src), str(tmp / "release"), tp, pp, meta)
+        (tmp / TRACKER).write_text("release")
+        meta.write(tmp)
+        (tmp / "hf").mkdir()
+        copy_assets(src, tmp / "hf")
+        write_hf_config(hf_config, tmp / "hf", dtype)
+        publish(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    print(
+        f"converted {src} -> {dst} ({arch.family}, {dtype}, tp={tp}, pp={pp}, "
+        f"{sum(counts):,} parameters over {tp * pp} ranks, {time.perf_counter() - start:.1f}s)"
+    )
+    return dst
+
+
+def mcore_to_hf(
+    src: str | Path,
+    dst: str | Path,
+    *,
+    dtype: str | None = None,
+    max_shard_gb: float = 5.0,
+    overwrite: bool = False,
+) -> Path:
+    src, dst = Path(src), Path(dst)
+    check_destination(dst, overwrite)
+    root, ckpt_dir = resolve_checkpoint(src)
+    if not ckpt_dir.is_dir():
+        raise FileNotFoundError(f"checkpoint directory {ckpt_dir} does not exist")
+    meta = ModelMeta.read(root)
+    if dtype is not None and dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
+    tmp = staging_dir(dst)
+    try:
+        start = time.perf_counter()
+        run_on_ranks(
+            mcore_to_hf_rank, 1, str(root), str(ckpt_dir), str(tmp), int(max_shard_gb * 2**30), dtype
+        )
+        if (root / "hf").is_dir():
+            copy_assets(root / "hf", tmp)
+        write_hf_config(meta.hf_config, tmp, dtype or meta.params_dtype)
+        publish(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    print(f"exported {ckpt_dir} -> {dst} ({meta.arch.family}, {time.perf_counter() - start:.1f}s)")
+    return dst
