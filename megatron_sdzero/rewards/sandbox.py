@@ -1,0 +1,512 @@
+"""A Linux sandbox for model-written programs: namespaces, a throwaway uid, rlimits, capped output.
+
+Each run gets fresh mount, pid, network, IPC and UTS namespaces (see ``sandbox_launcher.py``), a uid
+of its own from a pool (so ``RLIMIT_NPROC``, which the kernel counts per uid, bounds exactly this
+run's processes and cannot be exhausted by a neighbour), a read-only view of the host filesystem, a
+private size-capped tmpfs on /tmp, /var/tmp and /dev/shm, and a wall-clock deadline after which the
+whole pid namespace is killed. /run is hidden, so the host's unix sockets are out of reach. stdout and
+stderr are read with a byte cap; exceeding it kills the run.
+
+Namespaces and the uid drop need root (CAP_SYS_ADMIN, CAP_SETUID). Without them the sandbox refuses
+to start unless ``SandboxConfig.allow_unsandboxed`` is set, in which case programs run with rlimits
+and a private working directory only, and with full network and filesystem access.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import itertools
+import json
+import logging
+import os
+import selectors
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
+
+logger = logging.getLogger(__name__)
+
+LAUNCHER = Path(__file__).with_name("sandbox_launcher.py")
+SANDBOX_WORKDIR = "/tmp/work"
+STDERR_KEPT_BYTES = 16 * 1024
+PROGRAM_ENV = {
+    "PATH": "/usr/local/bin:/usr/bin:/bin",
+    "HOME": "/tmp",
+    "TMPDIR": "/tmp",
+    "LANG": "C.UTF-8",
+    "LC_ALL": "C.UTF-8",
+    "PYTHONDONTWRITEBYTECODE": "1",
+    "PYTHONHASHSEED": "0",
+    "OMP_NUM_THREADS": "1",
+    "OPENBLAS_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+}
+
+
+class SandboxUnavailableError(RuntimeError):
+    """The host cannot isolate programs and the user did not opt in to running them unsandboxed."""
+
+
+class SandboxRunError(RuntimeError):
+    """The sandbox itself failed (not the program): grading cannot give a trustworthy answer."""
+
+
+@dataclass
+class SandboxConfig:
+    allow_unsandboxed: bool = False
+    """Run programs without namespaces or a uid drop when isolation is impossible (trusted code only)."""
+    uid_base: int = 1_700_000_000
+    """First uid (and gid) of the pool. Must belong to no real user; files in run dirs get these owners."""
+    uid_count: int = 1024
+    """Pool size. One uid is held per concurrent run, across all processes on the host (file locks)."""
+    tmpfs_mb: int = 64
+    """Size of each private tmpfs (/tmp, /var/tmp, /dev/shm) seen by a run."""
+    work_root: str | None = None
+    """Where run directories are created (default: the system temp dir)."""
+
+
+@dataclass(frozen=True)
+class ResourceLimits:
+    wall_timeout_s: float
+    cpu_time_s: int
+    memory_mb: int
+    """Address-space limit per process (RLIMIT_AS)."""
+    file_size_mb: int
+    open_files: int
+    processes: int
+    """Processes and threads of the run's uid (RLIMIT_NPROC)."""
+    max_output_bytes: int
+    """Cap on stdout and on stderr; exceeding either kills the run."""
+    stack_mb: int = 64
+
+
+@dataclass(frozen=True)
+class SandboxResult:
+    exit_code: int | None
+    signal: int | None
+    stdout: bytes
+    stderr: bytes
+    """The first ``STDERR_KEPT_BYTES`` of stderr."""
+    timed_out: bool
+    output_limit_exceeded: bool
+    setup_error: str | None
+    """The sandbox could not be built (a host problem, not the program's fault)."""
+    exec_error: str | None
+    """argv[0] could not be executed inside the sandbox."""
+    wall_s: float
+
+    @property
+    def succeeded(self) -> bool:
+        failed = self.timed_out or self.output_limit_exceeded or self.setup_error or self.exec_error
+        return self.exit_code == 0 and not failed
+
+    def failure_reason(self) -> str:
+        if self.setup_error:
+            return "sandbox_error"
+        if self.exec_error:
+            return "exec_error"
+        if self.timed_out:
+            return "timeout"
+        if self.output_limit_exceeded:
+            return "output_limit"
+        if self.signal == signal.SIGXCPU:
+            return "cpu_time_limit"
+        if self.signal == signal.SIGXFSZ:
+            return "file_size_limit"
+        return "ok" if self.succeeded else "runtime_error"
+
+
+class _UidPool:
+    """Hands out uids so that no two concurrent runs on this host share one.
+
+    Exclusivity across processes comes from ``flock`` on one lock file per uid; uids are handed out
+    round-robin so a uid is not reused right after its run (its dying processes need a moment).
+    """
+
+    def __init__(self, base: int, count: int) -> None:
+        self._base = base
+        self._count = count
+        self._cursor = itertools.count(int.from_bytes(os.urandom(2), "little"))
+        self._cursor_lock = threading.Lock()
+        self._lock_dir = Path(tempfile.gettempdir()) / f"megatron_sdzero_sandbox_uids.{os.geteuid()}"
+        self._lock_dir.mkdir(mode=0o700, exist_ok=True)
+        info = self._lock_dir.lstat()
+        if info.st_uid != os.geteuid() or not self._lock_dir.is_dir() or info.st_mode & 0o077:
+            raise SandboxUnavailableError(f"{self._lock_dir} is not a private directory of this user")
+
+    @contextmanager
+    def acquire(self) -> Iterator[int]:
+        while True:
+            for _ in range(self._count):
+                with self._cursor_lock:
+                    uid = self._base + next(self._cursor) % self._count
+                lock_fd = os.open(self._lock_dir / str(uid), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+                try:
+                    fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    os.close(lock_fd)
+                    continue
+                try:
+                    yield uid
+                finally:
+                    os.close(lock_fd)
+                return
+            time.sleep(0.01)
+
+
+def isolation_unavailable_reason() -> str | None:
+    """Why this host cannot build the namespace sandbox, or None if it should (checked without running)."""
+    if not sys.platform.startswith("linux"):
+        return f"namespaces need Linux, this is {sys.platform}"
+    if not hasattr(os, "unshare"):
+        return "this Python has no os.unshare (needs 3.12+)"
+    if os.geteuid() != 0:
+        return (
+            "creating namespaces and switching to a throwaway uid needs root; unprivileged user "
+            "namespaces would leave programs running as the grader's own uid"
+        )
+    return None
+
+
+class Sandbox:
+    """Runs argv in a per-run sandbox. Thread-safe: call ``run`` from as many threads as you like.
+
+    Prefer ``open_sandbox``, which also verifies the protections and falls back only on opt-in.
+    """
+
+    def __init__(
+        self, config: SandboxConfig | None = None, isolate: bool = True, expose: str | None = None
+    ) -> None:
+        """expose: a directory (an interpreter's prefix) to make readable inside the sandbox even when an
+        ancestor such as /root (mode 700) blocks the sandbox uid; the rest of that ancestor stays hidden."""
+        self.config = config or SandboxConfig()
+        self.isolated = isolate
+        self.expose = expose
+        self._uids = _UidPool(self.config.uid_base, self.config.uid_count) if os.geteuid() == 0 else None
+
+    @contextmanager
+    def workdir(self) -> Iterator[Path]:
+        """A fresh host directory, bind-mounted as the program's working directory /tmp/work."""
+        path = Path(tempfile.mkdtemp(prefix="sdzero-run-", dir=self.config.work_root))
+        try:
+            path.chmod(0o755)
+            yield path
+        finally:
+            shutil.rmtree(path, ignore_errors=True)
+
+    def run(
+        self,
+        argv: Sequence[str],
+        workdir: Path,
+        limits: ResourceLimits,
+        stdin: bytes = b"",
+        workdir_writable: bool = False,
+    ) -> SandboxResult:
+        """Runs argv (argv[0] an absolute path) with cwd = workdir; returns when every process is gone."""
+        if self._uids is None:
+            return self._run_as(argv, workdir, limits, stdin, workdir_writable, uid=os.geteuid())
+        with self._uids.acquire() as uid:
+            return self._run_as(argv, workdir, limits, stdin, workdir_writable, uid=uid)
+
+    def _run_as(
+        self,
+        argv: Sequence[str],
+        workdir: Path,
+        limits: ResourceLimits,
+        stdin: bytes,
+        workdir_writable: bool,
+        uid: int,
+    ) -> SandboxResult:
+        if os.geteuid() == 0:
+            os.chown(workdir, uid, uid)  # owner of what a writable run creates; read-only runs only read
+        status_read, status_write = os.pipe()
+        spec = {
+            "argv": list(argv),
+            "env": PROGRAM_ENV,
+            "workdir": str(workdir),
+            "workdir_writable": workdir_writable,
+            "isolate": self.isolated,
+            "uid": uid,
+            "gid": uid,
+            "limits": _limits_spec(limits),
+            "tmpfs_bytes": self.config.tmpfs_mb << 20,
+            "status_fd": status_write,
+            "parent_pid": os.getpid(),
+            "expose": self.expose,
+        }
+        started = time.monotonic()
+        with _stdin_file(stdin) as stdin_file:
+            try:
+                process = subprocess.Popen(
+                    [sys.executable, "-I", "-S", str(LAUNCHER), json.dumps(spec)],
+                    stdin=stdin_file,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    pass_fds=(status_write,),
+                    start_new_session=True,
+                )
+            finally:
+                os.close(status_write)
+        try:
+            with os.fdopen(status_read, "rb") as status_pipe:
+                deadline = started + limits.wall_timeout_s
+                collected = _collect_output(process, status_pipe, limits, deadline, self.isolated)
+        except BaseException:
+            _terminate(process)  # e.g. KeyboardInterrupt: leave nothing running
+            raise
+        if collected.must_kill:
+            _terminate(process)
+        process.wait()
+        if not self.isolated:
+            _kill_group(process.pid)  # without a pid namespace the program may outlive its init
+        return _build_result(collected, time.monotonic() - started)
+
+
+PROBE_SCRIPT = r"""
+import errno, json, os, resource, socket
+def connect_errno():
+    try:
+        socket.create_connection(("127.0.0.1", 9), timeout=1).close()
+    except OSError as error:
+        return error.errno
+    return 0
+limits = ("RLIMIT_CPU", "RLIMIT_AS", "RLIMIT_FSIZE", "RLIMIT_NOFILE", "RLIMIT_NPROC")
+print(json.dumps({
+    "uid": os.getuid(),
+    "visible_pids": sum(name.isdigit() for name in os.listdir("/proc")),
+    "interfaces": [name for _, name in socket.if_nameindex()],
+    "loopback_unreachable": connect_errno() == errno.ENETUNREACH,
+    "read_only_root": bool(os.statvfs("/").f_flag & os.ST_RDONLY),
+    "tmp_entries": sorted(os.listdir("/tmp")),
+    "rlimits": {name: resource.getrlimit(getattr(resource, name))[1] for name in limits},
+}))
+"""
+
+PROBE_LIMITS = ResourceLimits(
+    wall_timeout_s=20.0,
+    cpu_time_s=10,
+    memory_mb=1024,
+    file_size_mb=1,
+    open_files=64,
+    processes=8,
+    max_output_bytes=1 << 16,
+)
+
+
+@dataclass(frozen=True)
+class SandboxReport:
+    """What a probe program observed from inside the sandbox (so each protection is checked, not assumed)."""
+
+    isolated: bool
+    python: str
+    uid: int
+    own_pid_namespace: bool
+    network_isolated: bool
+    read_only_root: bool
+    private_tmp: bool
+    rlimits: dict[str, int]
+
+    @property
+    def fully_protected(self) -> bool:
+        checks = (self.own_pid_namespace, self.network_isolated, self.read_only_root, self.private_tmp)
+        return self.isolated and self.uid != 0 and all(checks)
+
+    def describe(self) -> str:
+        flags = {
+            "namespaces": self.isolated,
+            f"uid {self.uid}": self.uid != 0,
+            "own pid namespace": self.own_pid_namespace,
+            "no network": self.network_isolated,
+            "read-only host filesystem": self.read_only_root,
+            "private /tmp": self.private_tmp,
+        }
+        listed = ", ".join(f"{name}: {'yes' if on else 'NO'}" for name, on in flags.items())
+        limits = ", ".join(f"{name.removeprefix('RLIMIT_')}={value}" for name, value in self.rlimits.items())
+        return f"{listed}; rlimits {limits}; sandbox python {self.python}"
+
+
+class ProbeExecError(RuntimeError):
+    """The probe interpreter could not run inside the sandbox (try another one)."""
+
+
+def probe(sandbox: Sandbox, python: str) -> SandboxReport:
+    """Runs a probe under ``python`` in ``sandbox`` and reports what is actually enforced."""
+    with sandbox.workdir() as workdir:
+        (workdir / "probe.py").write_text(PROBE_SCRIPT)
+        result = sandbox.run([python, "-I", "probe.py"], workdir, PROBE_LIMITS)
+    if result.setup_error:
+        raise SandboxUnavailableError(f"the sandbox could not be built: {result.setup_error}")
+    if not result.succeeded:
+        why = result.exec_error or result.stderr.decode(errors="replace")[-500:] or result.failure_reason()
+        raise ProbeExecError(f"{python} does not run in the sandbox: {why}")
+    seen = json.loads(result.stdout)
+    return SandboxReport(
+        isolated=sandbox.isolated,
+        python=python,
+        uid=seen["uid"],
+        own_pid_namespace=seen["visible_pids"] <= 3,
+        network_isolated=seen["interfaces"] == ["lo"] and seen["loopback_unreachable"],
+        read_only_root=seen["read_only_root"],
+        private_tmp=seen["tmp_entries"] == [SANDBOX_WORKDIR.removeprefix("/tmp/")],
+        rlimits=seen["rlimits"],
+    )
+
+
+def open_sandbox(
+    config: SandboxConfig, python_candidates: Sequence[str], expose: str | None = None
+) -> tuple[Sandbox, SandboxReport]:
+    """The strongest sandbox this host supports, verified by a probe under the first working python.
+
+    Raises ``SandboxUnavailableError`` if isolation fails and ``allow_unsandboxed`` is not set, and
+    ``ProbeExecError`` if no candidate interpreter can run inside the sandbox.
+    """
+    reason = isolation_unavailable_reason()
+    if reason is None:
+        try:
+            sandbox = Sandbox(config, isolate=True, expose=expose)
+            return sandbox, _probe_first_working(sandbox, python_candidates)
+        except SandboxUnavailableError as error:
+            reason = str(error)
+    if not config.allow_unsandboxed:
+        raise SandboxUnavailableError(
+            f"cannot sandbox model-written code: {reason}. Set allow_unsandboxed=True to run it without "
+            "isolation (trusted code only: it gets the network and the grader's files)."
+        )
+    logger.warning("running model-written code WITHOUT a sandbox (allow_unsandboxed=True): %s", reason)
+    sandbox = Sandbox(config, isolate=False)
+    return sandbox, _probe_first_working(sandbox, python_candidates)
+
+
+def _probe_first_working(sandbox: Sandbox, python_candidates: Sequence[str]) -> SandboxReport:
+    failures = []
+    for python in python_candidates:
+        try:
+            return probe(sandbox, python)
+        except ProbeExecError as error:
+            failures.append(str(error))
+    raise ProbeExecError("no Python interpreter runs inside the sandbox:\n" + "\n".join(failures))
+
+
+@dataclass
+class _Collected:
+    stdout: bytearray = field(default_factory=bytearray)
+    stderr: bytearray = field(default_factory=bytearray)
+    status: bytearray = field(default_factory=bytearray)
+    timed_out: bool = False
+    output_limit_exceeded: bool = False
+
+    @property
+    def must_kill(self) -> bool:
+        return self.timed_out or self.output_limit_exceeded
+
+
+def _collect_output(
+    process: subprocess.Popen, status_pipe: BinaryIO, limits: ResourceLimits, deadline: float, isolated: bool
+) -> _Collected:
+    """Reads stdout, stderr and the status pipe to EOF, until the deadline or an output cap."""
+    collected = _Collected()
+    stderr_seen = 0
+    selector = selectors.DefaultSelector()
+    selector.register(process.stdout, selectors.EVENT_READ, collected.stdout)
+    selector.register(process.stderr, selectors.EVENT_READ, collected.stderr)
+    selector.register(status_pipe, selectors.EVENT_READ, collected.status)
+    try:
+        while selector.get_map():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                collected.timed_out = True
+                break
+            for key, _ in selector.select(remaining):
+                chunk = os.read(key.fd, 1 << 16)
+                if not chunk:
+                    selector.unregister(key.fileobj)
+                    if key.fileobj is status_pipe and not isolated:
+                        _kill_group(process.pid)  # orphans would keep stdout open; no pid namespace here
+                    continue
+                if key.data is collected.stderr:
+                    stderr_seen += len(chunk)
+                    over_cap = stderr_seen > limits.max_output_bytes
+                    chunk = chunk[: max(0, STDERR_KEPT_BYTES - len(collected.stderr))]
+                else:
+                    over_cap = len(key.data) + len(chunk) > limits.max_output_bytes
+                key.data.extend(chunk)
+                if over_cap:
+                    collected.output_limit_exceeded = True
+                    return collected
+    finally:
+        selector.close()
+        process.stdout.close()
+        process.stderr.close()
+    return collected
+
+
+def _build_result(collected: _Collected, wall_s: float) -> SandboxResult:
+    exit_code = signal_number = setup_error = exec_error = None
+    for line in bytes(collected.status).decode(errors="replace").splitlines():
+        record = json.loads(line)
+        exit_code = record.get("exit_code", exit_code)
+        signal_number = record.get("signal", signal_number)
+        setup_error = record.get("setup_error", setup_error)
+        exec_error = record.get("exec_error", exec_error)
+    if exit_code is None and signal_number is None and setup_error is None and not collected.must_kill:
+        setup_error = "the sandbox launcher exited without a status"
+    return SandboxResult(
+        exit_code=exit_code,
+        signal=signal_number,
+        stdout=bytes(collected.stdout),
+        stderr=bytes(collected.stderr),
+        timed_out=collected.timed_out,
+        output_limit_exceeded=collected.output_limit_exceeded,
+        setup_error=setup_error,
+        exec_error=exec_error,
+        wall_s=wall_s,
+    )
+
+
+def _limits_spec(limits: ResourceLimits) -> dict[str, int]:
+    return {
+        "cpu_s": limits.cpu_time_s,
+        "address_space_bytes": limits.memory_mb << 20,
+        "file_size_bytes": limits.file_size_mb << 20,
+        "open_files": limits.open_files,
+        "processes": limits.processes,
+        "stack_bytes": limits.stack_mb << 20,
+    }
+
+
+@contextmanager
+def _stdin_file(data: bytes) -> Iterator[int]:
+    """A read-only fd on an unlinked file holding data (no writer thread, no pipe deadlock)."""
+    with tempfile.TemporaryFile() as scratch:
+        scratch.write(data)
+        scratch.flush()
+        read_only = os.open(f"/proc/self/fd/{scratch.fileno()}", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        yield read_only
+    finally:
+        os.close(read_only)
+
+
+def _terminate(process: subprocess.Popen) -> None:
+    """SIGTERM makes the launcher SIGKILL the namespace's init, which takes every process with it."""
+    try:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        _kill_group(process.pid)
+
+
+def _kill_group(process_group: int) -> None:
+    try:
+        os.killpg(process_group, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
