@@ -46,6 +46,9 @@ def device_for_rank() -> torch.device:
 
 def init_distributed(timeout_minutes: int = 30) -> None:
     """Initialise torch.distributed from the environment (idempotent)."""
+    from megatron_sdzero.runtime.quiet import quiet_known_messages
+
+    quiet_known_messages(cpu=not torch.cuda.is_available())
     if not torch.cuda.is_available():
         from megatron_sdzero.runtime.cpu_compat import enable_cpu_compat
 
