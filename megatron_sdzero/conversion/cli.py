@@ -22,15 +22,21 @@ def _parser() -> argparse.ArgumentParser:
     to_mcore.add_argument("--tp", type=int, default=1, help="tensor-parallel layout to write (default 1)")
     to_mcore.add_argument("--pp", type=int, default=1, help="pipeline-parallel layout to write (default 1)")
     to_mcore.add_argument(
-        "--dtype", choices=["float32", "bfloat16", "float16"], help="parameter dtype (default: the HF weights')"
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        help="parameter dtype (default: the HF weights')",
     )
     to_mcore.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
     to_mcore.add_argument("--overwrite", action="store_true", help="replace a non-empty DST")
 
     to_hf = sub.add_parser("mcore-to-hf", help="Megatron checkpoint (conversion or training) -> HF directory")
-    to_hf.add_argument("src", help="checkpoint root (with latest_checkpointed_iteration.txt) or an iter_* dir")
+    to_hf.add_argument(
+        "src", help="checkpoint root (with latest_checkpointed_iteration.txt) or an iter_* dir"
+    )
     to_hf.add_argument("dst", help="new HF directory")
-    to_hf.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: the checkpoint's")
+    to_hf.add_argument(
+        "--dtype", choices=["float32", "bfloat16", "float16"], help="default: the checkpoint's"
+    )
     to_hf.add_argument("--max-shard-gb", type=float, default=5.0, help="safetensors shard size (default 5)")
     to_hf.add_argument("--overwrite", action="store_true", help="replace a non-empty DST")
     return parser
@@ -52,7 +58,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 overwrite=args.overwrite,
             )
         else:
-            mcore_to_hf(args.src, args.dst, dtype=args.dtype, max_shard_gb=args.max_shard_gb, overwrite=args.overwrite)
+            mcore_to_hf(
+                args.src, args.dst, dtype=args.dtype, max_shard_gb=args.max_shard_gb, overwrite=args.overwrite
+            )
     except EXPECTED_ERRORS as err:
         print(f"sdzero convert: error: {err}", file=sys.stderr)
         return 1

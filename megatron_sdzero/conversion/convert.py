@@ -57,7 +57,7 @@ def hf_to_mcore(
     try:
         start = time.perf_counter()
         (tmp / "release").mkdir()
-        counts = run_on_ranks(hf_to_mcore_rank, tp * pp, str(src), str(tmp / "release"), tp, pp, meta)
+        ranks = run_on_ranks(hf_to_mcore_rank, tp * pp, str(src), str(tmp / "release"), tp, pp, meta)
         (tmp / TRACKER).write_text("release")
         meta.write(tmp)
         (tmp / "hf").mkdir()
@@ -67,9 +67,10 @@ def hf_to_mcore(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    params, peak = sum(r[0] for r in ranks), max(r[1] for r in ranks)
     print(
-        f"converted {src} -> {dst} ({arch.family}, {dtype}, tp={tp}, pp={pp}, "
-        f"{sum(counts):,} parameters over {tp * pp} ranks, {time.perf_counter() - start:.1f}s)"
+        f"converted {src} -> {dst} ({arch.family}, {dtype}, tp={tp}, pp={pp}, {params:,} parameters over "
+        f"{tp * pp} ranks, {time.perf_counter() - start:.1f}s, peak RSS per rank {peak:.2f} GB)"
     )
     return dst
 
@@ -93,7 +94,7 @@ def mcore_to_hf(
     tmp = staging_dir(dst)
     try:
         start = time.perf_counter()
-        run_on_ranks(
+        [(_, peak)] = run_on_ranks(
             mcore_to_hf_rank, 1, str(root), str(ckpt_dir), str(tmp), int(max_shard_gb * 2**30), dtype
         )
         if (root / "hf").is_dir():
@@ -103,5 +104,8 @@ def mcore_to_hf(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    print(f"exported {ckpt_dir} -> {dst} ({meta.arch.family}, {time.perf_counter() - start:.1f}s)")
+    print(
+        f"exported {ckpt_dir} -> {dst} ({meta.arch.family}, {time.perf_counter() - start:.1f}s, "
+        f"peak RSS {peak:.2f} GB)"
+    )
     return dst

@@ -184,7 +184,13 @@ def _fill_from_hf(model, meta: ModelMeta, weights: HFWeights) -> None:
         target.copy_(shard.to(dtype))
 
 
-def hf_to_mcore_rank(src: str, ckpt_dir: str, tp: int, pp: int, meta: ModelMeta) -> int:
+def peak_rss_gb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+def hf_to_mcore_rank(src: str, ckpt_dir: str, tp: int, pp: int, meta: ModelMeta) -> tuple[int, float]:
     from megatron.core import dist_checkpointing
 
     from megatron_sdzero.runtime.distributed import ParallelConfig, init_model_parallel
@@ -194,7 +200,7 @@ def hf_to_mcore_rank(src: str, ckpt_dir: str, tp: int, pp: int, meta: ModelMeta)
         model = _build(meta)
         _fill_from_hf(model, meta, HFWeights(src))
         dist_checkpointing.save(model.sharded_state_dict(), ckpt_dir)
-    return sum(p.numel() for p in model.parameters())
+    return sum(p.numel() for p in model.parameters()), peak_rss_gb()
 
 
 def load_model_rank(root: str, ckpt_dir: str, tp: int, pp: int) -> dict[str, torch.Tensor]:
@@ -226,7 +232,9 @@ def load_weights(model, ckpt_dir: Path) -> None:
         )
 
 
-def mcore_to_hf_rank(root: str, ckpt_dir: str, out_dir: str, max_shard_bytes: int, dtype: str | None) -> int:
+def mcore_to_hf_rank(
+    root: str, ckpt_dir: str, out_dir: str, max_shard_bytes: int, dtype: str | None
+) -> tuple[int, float]:
     from megatron_sdzero.runtime.distributed import ParallelConfig, init_model_parallel
 
     init_model_parallel(ParallelConfig(tp=1, pp=1))
@@ -244,7 +252,7 @@ def mcore_to_hf_rank(root: str, ckpt_dir: str, out_dir: str, max_shard_bytes: in
                     yield name, tensor.to(out_dtype) if out_dtype else tensor
 
         write_safetensors_shards(tensors(), Path(out_dir), max_shard_bytes)
-    return len(state)
+    return len(state), peak_rss_gb()
 
 
 # --- checks before any work ------------------------------------------------------------------------

@@ -78,9 +78,42 @@ def llama_rules(arch: DecoderArchitecture) -> list[WeightRule]:
     return rules
 
 
+def olmo3_rules(arch: DecoderArchitecture) -> list[WeightRule]:
+    """OLMo-3: post-norms instead of pre-norms; q/k norms over the full projection width, split over
+    tensor-parallel ranks with the heads (hence "column")."""
+    layer = "decoder.layers.{layer}."
+    hf = "model.layers.{layer}."
+    rules = [
+        WeightRule("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), "vocab"),
+        WeightRule("decoder.final_layernorm.weight", ("model.norm.weight",), "copy"),
+        WeightRule(
+            layer + "self_attention.linear_qkv.weight",
+            tuple(hf + f"self_attn.{p}_proj.weight" for p in "qkv"),
+            "qkv",
+        ),
+        WeightRule(layer + "self_attention.q_norm.weight", (hf + "self_attn.q_norm.weight",), "column"),
+        WeightRule(layer + "self_attention.k_norm.weight", (hf + "self_attn.k_norm.weight",), "column"),
+        WeightRule(layer + "self_attention.linear_proj.weight", (hf + "self_attn.o_proj.weight",), "row"),
+        WeightRule(
+            layer + "post_attention_layernorm.weight", (hf + "post_attention_layernorm.weight",), "copy"
+        ),
+        WeightRule(
+            layer + "mlp.linear_fc1.weight",
+            (hf + "mlp.gate_proj.weight", hf + "mlp.up_proj.weight"),
+            "gated",
+        ),
+        WeightRule(layer + "mlp.linear_fc2.weight", (hf + "mlp.down_proj.weight",), "row"),
+        WeightRule(layer + "post_mlp_layernorm.weight", (hf + "post_feedforward_layernorm.weight",), "copy"),
+    ]
+    if not arch.tie_word_embeddings:
+        rules.append(WeightRule("output_layer.weight", ("lm_head.weight",), "vocab"))
+    return rules
+
+
 FAMILY_RULES: dict[str, Callable[[DecoderArchitecture], list[WeightRule]]] = {
     "qwen3": llama_rules,
     "llama": llama_rules,
+    "olmo3": olmo3_rules,
 }
 
 
