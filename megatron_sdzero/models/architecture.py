@@ -17,6 +17,23 @@ class UnsupportedModelError(ValueError):
 
 
 @dataclass(frozen=True)
+class YarnScaling:
+    """YaRN RoPE scaling, with every value resolved the way transformers resolves it."""
+
+    factor: float
+    original_max_position_embeddings: int
+    beta_fast: float
+    beta_slow: float
+    attention_factor: float  # multiplies cos and sin, so attention logits scale by its square
+
+
+@dataclass(frozen=True)
+class LayerRope:
+    theta: float
+    yarn: YarnScaling | None = None
+
+
+@dataclass(frozen=True)
 class DecoderArchitecture:
     family: str  # "qwen3" | "llama" | "olmo3"
     hf_architecture: str  # e.g. "Qwen3ForCausalLM"
@@ -36,6 +53,7 @@ class DecoderArchitecture:
     rope_scaling_factor: float | None = None  # Llama-3 style scaling, as Megatron implements it
     sliding_window: int | None = None
     layer_types: tuple[str, ...] = field(default_factory=tuple)  # per layer: full or sliding attention
+    full_attention_rope: LayerRope | None = None  # OLMo-3: RoPE of full-attention layers if not rope_theta
     torch_dtype: str = "float32"
 
     @property
@@ -88,11 +106,13 @@ def _rope(config: dict[str, Any]) -> tuple[float, float | None]:
     raise UnsupportedModelError(f"RoPE type {rope_type!r} is not supported")
 
 
-def _common(config: dict[str, Any], family: str) -> dict[str, Any]:
+def _common(
+    config: dict[str, Any], family: str, rope: tuple[float, float | None] | None = None
+) -> dict[str, Any]:
     layers, hidden, ffn, heads, vocab = _require(
         config, "num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads", "vocab_size"
     )
-    theta, scaling = _rope(config)
+    theta, scaling = rope if rope is not None else _rope(config)
     architectures = config.get("architectures") or [""]
     return dict(
         family=family,
@@ -135,7 +155,13 @@ def _llama(config: dict[str, Any]) -> DecoderArchitecture:
     return DecoderArchitecture(**_common(config, "llama"), qkv_bias=bool(config.get("attention_bias", False)))
 
 
-FAMILY_READERS = {"qwen3": _qwen3, "llama": _llama}
+def _olmo3(config: dict[str, Any]) -> DecoderArchitecture:
+    from megatron_sdzero.models.olmo3 import read_olmo3_config
+
+    return read_olmo3_config(config)
+
+
+FAMILY_READERS = {"qwen3": _qwen3, "llama": _llama, "olmo3": _olmo3}
 
 
 def register_family(model_type: str, reader) -> None:

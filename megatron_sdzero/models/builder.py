@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron_sdzero.models.architecture import DecoderArchitecture
+from megatron_sdzero.models.olmo3 import attention_window_config
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -85,7 +86,7 @@ def transformer_config(
         kv_channels=arch.head_dim,
         normalization="RMSNorm",
         layernorm_epsilon=arch.norm_epsilon,
-        qk_layernorm=arch.qk_norm is not None,
+        qk_layernorm=arch.qk_norm == "per_head",  # OLMo-3's full-width QK norms are its own modules
         gated_linear_unit=True,
         activation_func=F.silu,
         add_bias_linear=False,
@@ -107,6 +108,7 @@ def transformer_config(
         persist_layer_norm=False,
         gradient_accumulation_fusion=False,
     )
+    kwargs.update(attention_window_config(arch))
     if model_cfg.fp8:
         kwargs.update(fp8=model_cfg.fp8, fp8_recipe=model_cfg.fp8_recipe)
     if model_cfg.recompute != "none":
@@ -123,6 +125,10 @@ def layer_spec(arch: DecoderArchitecture, use_te: bool):
         get_gpt_layer_with_transformer_engine_spec,
     )
 
+    if arch.family == "olmo3":
+        from megatron_sdzero.models.olmo3_layers import olmo3_layer_spec
+
+        return olmo3_layer_spec(arch, use_te)
     if arch.family not in ("qwen3", "llama"):
         raise ValueError(f"no Megatron layer spec for family {arch.family!r}")
     if use_te:
