@@ -23,7 +23,9 @@ from pathlib import Path
 import torch
 
 BF16_REL_TOL = 2e-2  # bf16 operands: relative L2 error of the logits between 1e-3 and 1e-2 is normal
-FP8_REL_TOL = 0.15  # FP8 GEMMs against the bf16 TE model
+# FP8 against the bf16 TE model: e4m3 keeps 3 mantissa bits (up to 2^-4 relative rounding per operand);
+# over 4 layers and the output layer of a random tiny model the logits moved by 0.146-0.167 on an H100.
+FP8_REL_TOL = 0.25
 
 
 def relative_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
