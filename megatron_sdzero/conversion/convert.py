@@ -19,13 +19,12 @@ from megatron_sdzero.conversion.megatron_io import (
     hf_to_mcore_rank,
     mcore_to_hf_rank,
     publish,
-    read_source_config,
     resolve_checkpoint,
     staging_dir,
     validate_hf_checkpoint,
     write_hf_config,
 )
-from megatron_sdzero.models.architecture import architecture_from_hf
+from megatron_sdzero.models.architecture import architecture_from_hf, read_hf_config
 from megatron_sdzero.models.builder import DTYPES, padded_vocab_size
 from megatron_sdzero.runtime.launch import run_on_ranks
 
@@ -42,7 +41,7 @@ def hf_to_mcore(
 ) -> Path:
     src, dst = Path(src), Path(dst)
     check_destination(dst, overwrite)
-    hf_config = read_source_config(src)
+    hf_config = read_hf_config(src)
     arch = architecture_from_hf(hf_config)
     if arch.num_layers < pp:
         raise ValueError(f"pp={pp} is larger than the number of layers ({arch.num_layers})")

@@ -93,7 +93,6 @@ def write_safetensors_shards(
     """Write tensors as they come, closing a shard once it reaches ``max_shard_bytes``."""
     from safetensors.torch import save_file
 
-    shards: list[dict[str, torch.Tensor]] = []
     current: dict[str, torch.Tensor] = {}
     size = 0
     files: list[str] = []
@@ -118,7 +117,6 @@ def write_safetensors_shards(
         size += nbytes
         total += nbytes
     flush()
-    del shards
     if len(files) == 1:
         (out_dir / files[0]).rename(out_dir / "model.safetensors")
         return

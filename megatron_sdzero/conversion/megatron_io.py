@@ -33,7 +33,7 @@ from megatron_sdzero.conversion.weight_maps import (
     to_hf,
     to_mcore,
 )
-from megatron_sdzero.models.architecture import DecoderArchitecture, architecture_from_hf, read_hf_config
+from megatron_sdzero.models.architecture import DecoderArchitecture, architecture_from_hf
 from megatron_sdzero.models.builder import DTYPES, ModelConfig, build_gpt_model, padded_vocab_size
 
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -224,6 +224,8 @@ def load_weights(model, ckpt_dir: Path) -> None:
     sharded = {k: v for k, v in model.sharded_state_dict().items() if not k.endswith("_extra_state")}
     with torch.no_grad():
         loaded = dist_checkpointing.load(sharded, str(ckpt_dir), strict=StrictHandling.LOG_UNEXPECTED)
+        # A training checkpoint's common entries (iteration, scheduler, ...) come back too: keep the weights.
+        loaded = {k: v for k, v in loaded.items() if k in sharded}
         missing, unexpected = model.load_state_dict(loaded, strict=False)
     missing = [k for k in missing if not k.endswith("_extra_state")]
     if missing or unexpected:
@@ -284,7 +286,3 @@ def write_hf_config(config: dict, dst: Path, dtype_name: str) -> None:
     config["torch_dtype"] = dtype_name
     config.pop("dtype", None)
     (dst / "config.json").write_text(json.dumps(config, indent=2))
-
-
-def read_source_config(src: Path) -> dict:
-    return read_hf_config(src)
