@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron_sdzero.models.architecture import DecoderArchitecture
-from megatron_sdzero.models.olmo3 import attention_window_config
+from megatron_sdzero.models.olmo3 import olmo3_transformer_config
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -108,7 +108,8 @@ def transformer_config(
         persist_layer_norm=False,
         gradient_accumulation_fusion=False,
     )
-    kwargs.update(attention_window_config(arch))
+    if arch.family == "olmo3":
+        kwargs.update(olmo3_transformer_config(arch))
     if model_cfg.fp8:
         kwargs.update(fp8=model_cfg.fp8, fp8_recipe=model_cfg.fp8_recipe)
     if model_cfg.recompute != "none":
