@@ -20,16 +20,12 @@ Needs a CUDA GPU, megatron-core and transformer-engine. Exits 1 if a check fails
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 import torch
 
-from tools.check_te import FP8_REL_TOL, fp8_train_step, load, logits, relative_error
+from tools.check_te import FP8_REL_TOL, fp8_train_step, load, logits, relative_error, run_gpu_checks
 
 SEQ = 128
 
@@ -113,31 +109,7 @@ def check(root: Path, results: list[dict]) -> None:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--out", help="write results as JSON here")
-    args = parser.parse_args()
-    if not torch.cuda.is_available():
-        print("check_olmo3_te.py needs a CUDA GPU", file=sys.stderr)
-        return 2
-    import transformer_engine
-
-    from megatron_sdzero.runtime.distributed import ParallelConfig, init_model_parallel
-
-    init_model_parallel(ParallelConfig())
-    results: list[dict] = []
-    start = time.time()
-    with tempfile.TemporaryDirectory() as tmp:
-        check(Path(tmp), results)
-    env = dict(
-        device=torch.cuda.get_device_name(), torch=torch.__version__, te=transformer_engine.__version__,
-        seconds=round(time.time() - start, 1),
-    )  # fmt: skip
-    for row in results:
-        print(json.dumps(row))
-    print(json.dumps(env))
-    if args.out:
-        Path(args.out).write_text(json.dumps({"env": env, "results": results}, indent=2))
-    return 1 if any(r.get("ok") is False for r in results) else 0
+    return run_gpu_checks("check_olmo3_te.py", check)
 
 
 if __name__ == "__main__":

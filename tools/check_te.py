@@ -106,12 +106,13 @@ def check_family(root: Path, family: str, results: list[dict]) -> None:
         results.append(dict(family=family, check=f"FP8 {recipe} fwd+bwd", **row))
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser()
+def run_gpu_checks(script: str, checks) -> int:
+    """The shared frame of the GPU check scripts: args, process group, results, JSON, exit code."""
+    parser = argparse.ArgumentParser(prog=script)
     parser.add_argument("--out", help="write results as JSON here")
     args = parser.parse_args()
     if not torch.cuda.is_available():
-        print("check_te.py needs a CUDA GPU", file=sys.stderr)
+        print(f"{script} needs a CUDA GPU", file=sys.stderr)
         return 2
     import transformer_engine
 
@@ -121,8 +122,7 @@ def main() -> int:
     results: list[dict] = []
     start = time.time()
     with tempfile.TemporaryDirectory() as tmp:
-        for family in ("qwen3", "llama"):
-            check_family(Path(tmp), family, results)
+        checks(Path(tmp), results)
     env = dict(
         device=torch.cuda.get_device_name(), torch=torch.__version__, te=transformer_engine.__version__,
         seconds=round(time.time() - start, 1),
@@ -132,8 +132,16 @@ def main() -> int:
     print(json.dumps(env))
     if args.out:
         Path(args.out).write_text(json.dumps({"env": env, "results": results}, indent=2))
-    failed = [r for r in results if r.get("ok") is False]
-    return 1 if failed else 0
+    return 1 if any(r.get("ok") is False for r in results) else 0
+
+
+def check_both_families(root: Path, results: list[dict]) -> None:
+    for family in ("qwen3", "llama"):
+        check_family(root, family, results)
+
+
+def main() -> int:
+    return run_gpu_checks("check_te.py", check_both_families)
 
 
 if __name__ == "__main__":
