@@ -235,7 +235,11 @@ def run_demo(cfg: DemoConfig) -> int:
         "Phase 1: SRT collection", demo.path("srt") / "summary.json", "srt-collect", "--config", phase1
     )
     demo.stage(
-        "Phase 1: clean, dedupe, split", demo.path("srt") / "stage1.jsonl", "srt-prepare", "--config", phase1
+        "Phase 1: clean, dedupe, split",
+        demo.path("srt") / "sft" / "prepare_summary.json",
+        "srt-prepare",
+        "--config",
+        phase1,
     )
     if not (demo.path("sft_data") / "stage1.jsonl").exists():
         print("\n[demo] a random model keeps no tuples: write synthetic SRT records for the SFT stages")
