@@ -124,14 +124,14 @@ def resolve_checkpoint(path: Path) -> tuple[Path, Path]:
 # --- per-rank work ---------------------------------------------------------------------------------
 
 
-def _global_name(local_name: str, model) -> str:
+def global_param_name(local_name: str, model) -> str:
     parts = local_name.split(".")
     if parts[:2] == ["decoder", "layers"]:
         parts[2] = str(model.decoder.layers[int(parts[2])].layer_number - 1)
     return ".".join(parts)
 
 
-def _rules_by_mcore_name(arch: DecoderArchitecture, pp: int) -> dict[str, WeightRule]:
+def rules_by_mcore_name(arch: DecoderArchitecture, pp: int) -> dict[str, WeightRule]:
     rules = {r.mcore: r for r in expand_layers(rules_for(arch), arch.num_layers)}
     if arch.tie_word_embeddings and pp > 1:
         # The last stage holds its own copy of the tied embedding as the output layer.
@@ -165,13 +165,13 @@ def _fill_from_hf(model, meta: ModelMeta, weights: HFWeights) -> None:
     tp = parallel_state.get_tensor_model_parallel_world_size()
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     padded = padded_vocab_size(arch.vocab_size, meta.make_vocab_size_divisible_by, tp)
-    rules = _rules_by_mcore_name(arch, parallel_state.get_pipeline_model_parallel_world_size())
+    rules = rules_by_mcore_name(arch, parallel_state.get_pipeline_model_parallel_world_size())
     state = model.state_dict()
     dtype = DTYPES[meta.params_dtype]
     for local_name, target in state.items():
         if local_name.endswith("_extra_state"):
             continue
-        name = _global_name(local_name, model)
+        name = global_param_name(local_name, model)
         if name not in rules:
             raise CheckpointError(f"Megatron parameter {name} has no HF mapping for family {arch.family}")
         rule = rules[name]
@@ -212,7 +212,9 @@ def load_model_rank(root: str, ckpt_dir: str, tp: int, pp: int) -> dict[str, tor
     model = _build(meta)
     load_weights(model, Path(ckpt_dir))
     return {
-        _global_name(k, model): v.clone() for k, v in model.state_dict().items() if "_extra_state" not in k
+        global_param_name(k, model): v.clone()
+        for k, v in model.state_dict().items()
+        if "_extra_state" not in k
     }
 
 

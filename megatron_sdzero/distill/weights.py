@@ -16,7 +16,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from megatron_sdzero.conversion.megatron_io import _global_name, _rules_by_mcore_name
+from megatron_sdzero.conversion.megatron_io import global_param_name, rules_by_mcore_name
 from megatron_sdzero.conversion.weight_maps import Kind, to_hf
 from megatron_sdzero.models.architecture import DecoderArchitecture
 
@@ -58,12 +58,12 @@ def _stage_weights(chunks: list[Any], arch: DecoderArchitecture) -> Iterator[tup
 
     tp_group = parallel_state.get_tensor_model_parallel_group()
     tp = dist.get_world_size(tp_group) if dist.is_initialized() else 1
-    rules = _rules_by_mcore_name(arch, parallel_state.get_pipeline_model_parallel_world_size())
+    rules = rules_by_mcore_name(arch, parallel_state.get_pipeline_model_parallel_world_size())
     for chunk in unwrap(chunks):
         for name, tensor in chunk.state_dict(keep_vars=True).items():
             if name.endswith("_extra_state"):
                 continue
-            global_name = local_name(_global_name(name, chunk))
+            global_name = local_name(global_param_name(name, chunk))
             if arch.tie_word_embeddings and global_name == "output_layer.weight":
                 continue  # the last stage's copy of the tied embedding
             if global_name not in rules:
