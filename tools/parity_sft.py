@@ -2,18 +2,21 @@
 """GPU parity of the SFT step: TP=2, PP=2 and DP=2 follow the 1-GPU losses (and packed THD attention
 equals per-sample attention).
 
-    PYTHONPATH=$PWD python3 tools/parity_sft.py [--steps 5] [--workdir DIR]
+    PYTHONPATH=$PWD python3 tools/parity_sft.py [--steps 5] [--workdir DIR] [--transformer-impl local]
 
 Makes a small Qwen3-shaped HF model offline (hidden 512, 8 layers, 8 heads / 4 KV groups, untied
 embeddings), converts it, writes demo SFT records, then launches one ``torchrun`` per layout
 (1 GPU, then 2 GPUs for tp2 / pp2 / dp2), each running ``--steps`` real optimizer steps on the same
-data plan from the same weights (TransformerEngine spec, distributed optimizer, clipping):
+data plan from the same weights (TransformerEngine spec by default, distributed optimizer, clipping):
 
 - float32, unpacked rows (plain causal attention): every layout's loss must match 1 GPU within
   ``--fp32-rtol`` at every step;
 - bfloat16, packed rows (THD varlen attention through TE): within ``--bf16-rtol``;
 - ``packcheck`` (1 GPU, bf16): the logits of three samples packed into one THD row against each
   sample alone.
+
+``--transformer-impl local`` (a GPU box without TransformerEngine): the float32 layouts on Megatron's
+local layer spec; the bfloat16 packed-THD layouts and packcheck need TE and are reported as skipped.
 
 Prints a table, writes ``$OUT/parity_sft.json`` when OUT is set, exits 1 on a mismatch. Needs 2 GPUs
 for the 2-GPU layouts (they are skipped, and reported so, with fewer).
@@ -35,6 +38,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 LAYOUTS = {"tp1": (1, 1, 1), "tp2": (2, 1, 2), "pp2": (1, 2, 2), "dp2": (1, 1, 2)}
+TE_ONLY = "needs TransformerEngine (--transformer-impl local)"
 
 
 # --- worker (inside torchrun) ---------------------------------------------------------------------
@@ -74,12 +78,12 @@ def _train(args) -> dict:
         clip_grad=1.0,
         weight_decay=0.01,
     )
-    model_cfg = ModelConfig(params_dtype=args.dtype, transformer_impl="transformer_engine")  # type: ignore[arg-type]
+    model_cfg = ModelConfig(params_dtype=args.dtype, transformer_impl=args.transformer_impl)  # type: ignore[arg-type]
     overrides = {"variable_seq_lengths": True} if pp > 1 and not packing else {}
     trainable = setup_trainable(arch, model_cfg, train, args.steps, **overrides)
     checkpoint.finetune_from(work / f"mc_{args.dtype}", trainable)
     plan = make_plan(dataset.lengths, data, seed=3, global_batch_size=8, epochs=None, train_iters=args.steps)
-    attention = attention_format(packing, transformer_engine=True)
+    attention = attention_format(packing, transformer_engine=args.transformer_impl == "transformer_engine")
     seq, mbs = schedule_shape(attention, 2, data.seq_length)
     forward_step = make_sft_forward_step(attention, arch.vocab_size)
     dp_rank, dp = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
@@ -165,7 +169,7 @@ def worker(args) -> int:
 # --- driver ---------------------------------------------------------------------------------------
 
 
-def prepare(work: Path) -> None:
+def prepare(work: Path, dtypes: tuple[str, ...]) -> None:
     from megatron_sdzero.assets.tiny import make_tiny_model
     from megatron_sdzero.conversion.convert import hf_to_mcore
     from megatron_sdzero.training.demo_data import write_demo_data
@@ -184,13 +188,13 @@ def prepare(work: Path) -> None:
             initializer_range=0.05,
             seed=1,
         )
-    for dtype in ("float32", "bfloat16"):
+    for dtype in dtypes:
         if not (work / f"mc_{dtype}").is_dir():
             hf_to_mcore(work / "hf", work / f"mc_{dtype}", params_dtype=dtype)
     write_demo_data(work / "hf", work / "data", n=96)
 
 
-def launch(work: Path, layout: str, dtype: str, steps: int) -> dict:
+def launch(work: Path, layout: str, dtype: str, steps: int, transformer_impl: str) -> dict:
     gpus = 1 if layout == "packcheck" else LAYOUTS[layout][2]
     result = work / f"result_{layout}_{dtype}.json"
     command = [
@@ -211,6 +215,8 @@ def launch(work: Path, layout: str, dtype: str, steps: int) -> dict:
         str(work),
         "--result",
         str(result),
+        "--transformer-impl",
+        transformer_impl,
     ]
     env = {
         **os.environ,
@@ -265,6 +271,16 @@ def compare(rows: list[dict], rtol: dict[str, float]) -> bool:
     return ok
 
 
+def run_or_skip(work: Path, layout: str, dtype: str, args: argparse.Namespace, gpus: int) -> dict:
+    """One layout's result, or a row saying why it was not run."""
+    need = 1 if layout == "packcheck" else LAYOUTS[layout][2]
+    if dtype == "bfloat16" and args.transformer_impl != "transformer_engine":
+        return {"layout": layout, "dtype": dtype, "skipped": TE_ONLY}
+    if need > gpus:
+        return {"layout": layout, "dtype": dtype, "skipped": f"needs {need} GPUs, have {gpus}"}
+    return launch(work, layout, dtype, args.steps, args.transformer_impl)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=5)
@@ -272,6 +288,12 @@ def main(argv=None) -> int:
     parser.add_argument("--fp32-rtol", type=float, default=1e-4)
     parser.add_argument("--bf16-rtol", type=float, default=2e-2)
     parser.add_argument("--packcheck-rtol", type=float, default=2e-2)
+    parser.add_argument(
+        "--transformer-impl",
+        choices=("transformer_engine", "local"),
+        default="transformer_engine",
+        help="local: float32 layouts only (no TransformerEngine needed)",
+    )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--layout", choices=[*LAYOUTS, "packcheck"], help=argparse.SUPPRESS)
     parser.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
@@ -283,23 +305,26 @@ def main(argv=None) -> int:
         print("parity_sft.py needs CUDA GPUs", file=sys.stderr)
         return 2
     gpus = torch.cuda.device_count()
+    te = args.transformer_impl == "transformer_engine"
+    if not te:
+        print("--transformer-impl local: float32 layouts only; bfloat16 packed THD and packcheck need TE")
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.workdir or tmp)
         work.mkdir(parents=True, exist_ok=True)
-        prepare(work)
-        rows = [launch(work, "packcheck", "bfloat16", args.steps)]
+        prepare(work, ("float32", "bfloat16") if te else ("float32",))
+        rows = [run_or_skip(work, "packcheck", "bfloat16", args, gpus)]
         for dtype in ("float32", "bfloat16"):
-            for layout, (_, _, need) in LAYOUTS.items():
-                if need > gpus:
-                    rows.append(
-                        {"layout": layout, "dtype": dtype, "skipped": f"needs {need} GPUs, have {gpus}"}
-                    )
-                else:
-                    rows.append(launch(work, layout, dtype, args.steps))
+            rows += [run_or_skip(work, layout, dtype, args, gpus) for layout in LAYOUTS]
         ok = compare(
             rows, {"float32": args.fp32_rtol, "bfloat16": args.bf16_rtol, "packcheck": args.packcheck_rtol}
         )
-        env = dict(device=torch.cuda.get_device_name(), gpus=gpus, torch=torch.__version__, steps=args.steps)
+        env = dict(
+            device=torch.cuda.get_device_name(),
+            gpus=gpus,
+            torch=torch.__version__,
+            steps=args.steps,
+            transformer_impl=args.transformer_impl,
+        )
         print(json.dumps(env))
         if os.environ.get("OUT"):
             Path(os.environ["OUT"], "parity_sft.json").write_text(
