@@ -130,3 +130,22 @@ def test_distill_step_matches_the_float64_reference(models, tp, pp, kind, top_k)
         assert rank["tokens"] == batch.valid_tokens() and not rank["skipped"]
         assert rank["student_moved"] and rank["teacher_fixed"] and not rank["teacher_grads"]
     assert reference > 0.1
+
+
+def test_the_teacher_forward_runs_in_grad_mode_without_a_graph() -> None:
+    """TransformerEngine updates FP8 delayed-scaling statistics only in grad mode (measured on the
+    GPU: a no_grad FP8 teacher keeps its first-pass scales), so the frozen forward keeps grad mode
+    on; with frozen parameters and token inputs nothing is recorded."""
+    from megatron_sdzero.distill.step import frozen_forward
+    from megatron_sdzero.distill.teacher import Teacher, TeacherConfig
+
+    teacher = Teacher([torch.nn.Embedding(10, 4)], TeacherConfig())
+    with torch.no_grad(), frozen_forward(teacher):
+        assert torch.is_grad_enabled()
+        out = teacher.chunks[0](torch.tensor([1, 2, 3]))
+    assert out.grad_fn is None and not out.requires_grad
+
+    teacher.chunks[0].weight.requires_grad_(True)
+    with pytest.raises(RuntimeError, match="must be frozen"):
+        with frozen_forward(teacher):
+            pass

@@ -176,60 +176,87 @@ def run_variant(student_p: Precision, teacher_p: Precision, args, arch) -> dict:
     return out
 
 
-@torch.no_grad()
-def teacher_fidelity(fp8: Precision, args, arch) -> dict:
-    """KL(bf16 teacher || fp8 teacher) per aligned token, the same weights in both."""
-    from megatron_sdzero.distill.step import teacher_logits
-    from megatron_sdzero.distill.teacher import Teacher, TeacherConfig
-    from megatron_sdzero.training.setup import build_frozen
-
-    seq = args.prompt_tokens + 2 * args.response_tokens + DELIM_TOKENS
-    reference = Teacher(build_frozen(arch, model_config(PRECISIONS["bf16"], seq)), TeacherConfig())
-    quantised = Teacher(build_frozen(arch, model_config(fp8, seq)), TeacherConfig())
-    copy_weights(reference.chunks, quantised.chunks)
-    micro = synthetic_batch(args, arch.vocab_size, seed=7).micro_batches(args.micro_batch_size)[0]
-    exact = teacher_logits(reference, micro)[..., : arch.vocab_size].float()
-    for _ in range(3):  # delayed scaling needs a few passes of amax history to settle
-        approx = teacher_logits(quantised, micro)[..., : arch.vocab_size].float()
-    out = _compare(fp8, exact, approx) | {"weights": "random init"}
-    del reference, quantised
-    gc.collect()
-    torch.cuda.empty_cache()
-    return out
-
-
 FIDELITY_TEXT = (
     "Problem: A train travels 180 km in 2 hours and then 240 km in 3 hours. What is its average speed? "
     "Solution: The total distance is 180 + 240 = 420 km and the total time is 2 + 3 = 5 hours, so the "
     "average speed is 420 / 5 = 84 km per hour. The answer is \\boxed{84}. "
 )
+FIDELITY_PASSES = (1, 3, 10)
+# How the frozen teacher's forward runs: the production path (distill.step.frozen_forward), plain
+# torch.no_grad(), and no_grad followed by TransformerEngine's forward amax/scale update.
+GRAD_MODES = ("production", "no_grad", "no_grad+update")
 
 
-@torch.no_grad()
-def checkpoint_fidelity(fp8: Precision, checkpoint_dir: str, tokens: int) -> dict:
-    """The same measurement on a trained model's weights, over ``tokens`` tokens of real text."""
+def _forward_in_mode(mode: str, teacher, run) -> torch.Tensor:
+    from megatron_sdzero.distill.step import frozen_forward
+
+    if mode == "production":
+        with frozen_forward(teacher):
+            return run().detach()
+    with torch.no_grad():
+        out = run()
+    if mode == "no_grad+update":
+        from transformer_engine.pytorch.fp8 import FP8GlobalStateManager
+
+        FP8GlobalStateManager.reduce_and_update_fp8_tensors(forward=True)
+    return out
+
+
+def _fidelity(fp8: Precision, arch, seq: int, load, tokens: torch.Tensor, weights: str) -> list[dict]:
+    """KL(bf16 || fp8) per token after 1, 3 and 10 forward passes, for each grad mode."""
+    from megatron_sdzero.distill.teacher import Teacher, TeacherConfig
+    from megatron_sdzero.distill.weights import unwrap
+    from megatron_sdzero.training.setup import build_frozen
+
+    positions = torch.arange(tokens.shape[1], device=tokens.device)[None]
+
+    def logits_of(teacher, mode):
+        return _forward_in_mode(mode, teacher, lambda: unwrap(teacher.chunks)[0](tokens, positions, None))
+
+    reference = Teacher(build_frozen(arch, model_config(PRECISIONS["bf16"], seq)), TeacherConfig())
+    load(reference.chunks)
+    exact = logits_of(reference, "no_grad")[..., : arch.vocab_size].float()
+    rows = []
+    for mode in GRAD_MODES if fp8.recipe == "delayed" else GRAD_MODES[:1]:
+        quantised = Teacher(build_frozen(arch, model_config(fp8, seq)), TeacherConfig())
+        copy_weights(reference.chunks, quantised.chunks)
+        for n in range(1, max(FIDELITY_PASSES) + 1):
+            approx = logits_of(quantised, mode)[..., : arch.vocab_size].float()
+            if n in FIDELITY_PASSES:
+                rows.append(_compare(fp8, exact, approx) | {"mode": mode, "passes": n, "weights": weights})
+        del quantised
+    del reference
+    gc.collect()
+    torch.cuda.empty_cache()
+    return rows
+
+
+def teacher_fidelity(fp8: Precision, args, arch) -> list[dict]:
+    """Random weights (the student's initialisation), the first synthetic teacher sequence."""
+    seq = args.prompt_tokens + 2 * args.response_tokens + DELIM_TOKENS
+    tokens = synthetic_batch(args, arch.vocab_size, seed=7).teacher_tokens[:1].cuda()
+
+    def load(chunks) -> None:  # the seeded initialisation of build_frozen is the weights
+        del chunks
+
+    return _fidelity(fp8, arch, seq, load, tokens, "random init")
+
+
+def checkpoint_fidelity(fp8: Precision, checkpoint_dir: str, num_tokens: int) -> list[dict]:
+    """A trained model's weights over ``num_tokens`` tokens of real text."""
     from transformers import AutoTokenizer
 
     from megatron_sdzero.conversion.megatron_io import ModelMeta
-    from megatron_sdzero.distill.weights import unwrap
     from megatron_sdzero.training import checkpoint
-    from megatron_sdzero.training.setup import build_frozen
 
     root = Path(checkpoint_dir)
     arch = ModelMeta.read(root).arch
     tokenizer = AutoTokenizer.from_pretrained(str(root / "hf"))
-    ids = tokenizer(FIDELITY_TEXT * (1 + 4 * tokens // len(FIDELITY_TEXT)))["input_ids"][:tokens]
-    ids = torch.tensor(ids, device="cuda")[None]
-    positions = torch.arange(ids.shape[1], device="cuda")[None]
-    logits = {}
-    for precision in (PRECISIONS["bf16"], fp8):
-        chunks = build_frozen(arch, model_config(precision, ids.shape[1]))
-        checkpoint.finetune_from(root, chunks)
-        for _ in range(3):  # delayed scaling needs a few passes of amax history to settle
-            out = unwrap(chunks)[0](ids, positions, None)
-        logits[precision.name] = out[0, :, : arch.vocab_size].float()
-        del chunks
-    return _compare(fp8, logits["bf16"], logits[fp8.name]) | {"weights": str(root), "tokens": ids.shape[1]}
+    ids = tokenizer(FIDELITY_TEXT * (1 + 4 * num_tokens // len(FIDELITY_TEXT)))["input_ids"][:num_tokens]
+    tokens = torch.tensor(ids, device="cuda")[None]
+    return _fidelity(
+        fp8, arch, tokens.shape[1], lambda chunks: checkpoint.finetune_from(root, chunks), tokens, str(root)
+    )
 
 
 def _compare(fp8: Precision, exact: torch.Tensor, approx: torch.Tensor) -> dict:
@@ -344,15 +371,15 @@ def main(argv=None) -> int:
     for name in args.fidelity:
         try:
             if args.fidelity_checkpoint:
-                fidelity.append(
-                    checkpoint_fidelity(PRECISIONS[name], args.fidelity_checkpoint, args.fidelity_tokens)
-                )
+                found = checkpoint_fidelity(PRECISIONS[name], args.fidelity_checkpoint, args.fidelity_tokens)
             else:
-                fidelity.append(teacher_fidelity(PRECISIONS[name], args, arch))
+                found = teacher_fidelity(PRECISIONS[name], args, arch)
         except Exception as err:
-            fidelity.append(dict(teacher=name, error=_error(err)))
+            found = [dict(teacher=name, error=_error(err))]
+        fidelity += found
         if last:
-            print(json.dumps(fidelity[-1]), flush=True)
+            for row in found:
+                print(json.dumps(row), flush=True)
     if last:
         print()
         print_tables(rows, fidelity)

@@ -43,13 +43,26 @@ def aligned(logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return logits.gather(1, index[..., None].expand(-1, -1, logits.shape[-1]))
 
 
-@torch.no_grad()
+@contextlib.contextmanager
+def frozen_forward(teacher: Teacher) -> Iterator[None]:
+    """Grad mode on, yet no autograd graph: no teacher parameter requires grad and the inputs are
+    token ids. Not ``torch.no_grad()``: TransformerEngine updates FP8 delayed-scaling amax and scales
+    when ``fp8_autocast`` exits only in grad mode, so under no_grad an FP8 teacher would run forever
+    on its initial scales (see docs/benchmarks.md, FP8 teacher)."""
+    if any(p.requires_grad for chunk in unwrap(teacher.chunks) for p in chunk.parameters()):
+        raise RuntimeError("the teacher has parameters that require grad; it must be frozen")
+    with torch.enable_grad():
+        yield
+
+
 def teacher_logits(teacher: Teacher, batch: DistillBatch) -> torch.Tensor:
     """The teacher's aligned logits of one micro-batch (no pipeline parallelism)."""
     chunk = unwrap(teacher.chunks)[0]
     device = _device(chunk)
     tokens = batch.teacher_tokens.to(device)
-    return aligned(chunk(tokens, _positions(tokens), None), batch.teacher_index.to(device))
+    with frozen_forward(teacher):
+        logits = chunk(tokens, _positions(tokens), None)
+    return aligned(logits, batch.teacher_index.to(device)).detach()
 
 
 def teacher_pass(teacher: Teacher, micro_batches: list[DistillBatch]) -> list[torch.Tensor | None]:
@@ -75,7 +88,7 @@ def teacher_pass(teacher: Teacher, micro_batches: list[DistillBatch]) -> list[to
 
         return output, collect
 
-    with torch.no_grad():
+    with frozen_forward(teacher):
         get_forward_backward_func()(
             forward_step_func=forward_step,
             data_iterator=iter(micro_batches),
