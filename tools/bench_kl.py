@@ -134,6 +134,45 @@ class unfused_path:
 # ---------------------------------------------------------------- bench
 
 
+class onepass_mode:
+    """Context: SDZERO_KL_ONEPASS for the calls inside ("0": Triton fused kernel, "1": one-pass)."""
+
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+
+    def __enter__(self) -> None:
+        self.saved = os.environ.get("SDZERO_KL_ONEPASS")
+        os.environ["SDZERO_KL_ONEPASS"] = self.mode
+
+    def __exit__(self, *exc) -> None:
+        if self.saved is None:
+            del os.environ["SDZERO_KL_ONEPASS"]
+        else:
+            os.environ["SDZERO_KL_ONEPASS"] = self.saved
+
+
+def not_run(reason: str) -> dict:
+    return {"ms": None, "peak_gib": None, "extra_gib": None, "oom": False, "skipped": reason}
+
+
+def bench_onepass(student, teacher, loss_mask, config) -> tuple[dict, dict, str | None]:
+    """The one-pass cluster kernel (when it applies here): separate gradient, then grad_in_place. The
+    in-place run overwrites the student logits with gradients, so it must come last."""
+    from megatron_sdzero.losses import _cluster_kernel
+
+    with onepass_mode("1"):
+        reason = _cluster_kernel.onepass_plan(student.detach(), teacher)[1]
+        if reason is not None:
+            return not_run(reason), not_run(reason), reason
+        step = fwd_bwd(lambda: distill_loss(student, teacher, loss_mask, config=config)[0], student)
+        separate = measure(step, student)
+        in_place_step = fwd_bwd(
+            lambda: distill_loss(student, teacher, loss_mask, config=config, grad_in_place=True)[0], student
+        )
+        in_place = measure(in_place_step, student)
+    return separate, in_place, None
+
+
 def bench_shape(tokens: int, vocab: int) -> dict:
     student, teacher, loss_mask = make_logits(tokens, vocab)
     logit_bytes = tokens * vocab * 2
@@ -141,15 +180,19 @@ def bench_shape(tokens: int, vocab: int) -> dict:
     floor_ms = 3 * logit_bytes / bandwidth * 1e3
     config = DistillLossConfig()
     ours_step = fwd_bwd(lambda: distill_loss(student, teacher, loss_mask, config=config)[0], student)
-    ours = measure(ours_step, student)
-    with unfused_path():
-        unfused = measure(ours_step, student)
+    with onepass_mode("0"):  # "ours": the Triton fused kernel (two reads per logit)
+        ours = measure(ours_step, student)
+        with unfused_path():
+            unfused = measure(ours_step, student)
     naive = measure(fwd_bwd(lambda: naive_reverse_kl(student, teacher, loss_mask), student), student)
+    onepass, onepass_in_place, onepass_reason = bench_onepass(student, teacher, loss_mask, config)
     row = {
         "tokens": tokens, "vocab": vocab, "copy_gbps": bandwidth / 1e9, "floor_ms": floor_ms,
         "ours": ours, "unfused": unfused, "naive": naive,
+        "onepass": onepass, "onepass_in_place": onepass_in_place, "onepass_reason": onepass_reason,
         "ours_over_floor": ours["ms"] / floor_ms,
         "unfused_over_floor": unfused["ms"] / floor_ms if unfused["ms"] else None,
+        "onepass_over_floor": onepass["ms"] / floor_ms if onepass["ms"] else None,
         "naive_peak_over_ours": naive["peak_gib"] / ours["peak_gib"] if naive["peak_gib"] else None,
         "naive_ms_over_ours": naive["ms"] / ours["ms"] if naive["ms"] else None,
     }  # fmt: skip
@@ -159,15 +202,20 @@ def bench_shape(tokens: int, vocab: int) -> dict:
 
 def print_row(row: dict) -> None:
     def fmt(result: dict) -> str:
+        if result.get("skipped"):
+            return f"not run ({result['skipped']})"
         if result["oom"]:
             return "OOM"
         return f"{result['ms']:8.2f} ms  peak {result['peak_gib']:6.2f} GiB (+{result['extra_gib']:5.2f})"
 
+    onepass_ratio = f" = {row['onepass_over_floor']:.2f}x floor" if row["onepass_over_floor"] else ""
     print(
         f"T={row['tokens']:6d} V={row['vocab']:6d} | copy {row['copy_gbps']:6.0f} GB/s"
         f" floor {row['floor_ms']:6.2f} ms"
         f" | ours {fmt(row['ours'])} = {row['ours_over_floor']:.2f}x floor"
-        f" | unfused {fmt(row['unfused'])} | naive {fmt(row['naive'])}",
+        f" | unfused {fmt(row['unfused'])} | naive {fmt(row['naive'])}"
+        f" | one-pass {fmt(row['onepass'])}{onepass_ratio}"
+        f" | one-pass in place {fmt(row['onepass_in_place'])}",
         flush=True,
     )
 
@@ -275,11 +323,21 @@ def markdown(report: dict) -> str:
         f"Command: `{report['command']}`",
         "",
         "| tokens | vocab | copy GB/s | floor ms | ours ms | ours / floor | ours peak GiB | unfused ms"
-        " | naive ms | naive peak GiB | naive peak / ours |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        " | naive ms | naive peak GiB | naive peak / ours | one-pass ms | one-pass / floor"
+        " | one-pass in-place peak GiB |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in report["shapes"]:
         ours, unfused, naive = row["ours"], row["unfused"], row["naive"]
+        onepass, in_place = row["onepass"], row["onepass_in_place"]
+        if row["onepass_reason"] is not None:
+            onepass_cells = f"n/a ({row['onepass_reason']}) | - | -"
+        else:
+            in_place_peak = "OOM" if in_place["oom"] else f"{in_place['peak_gib']:.2f}"
+            ms_cells = (
+                "OOM | -" if onepass["oom"] else f"{onepass['ms']:.2f} | {row['onepass_over_floor']:.2f}"
+            )
+            onepass_cells = f"{ms_cells} | {in_place_peak}"
         naive_ms = "OOM" if naive["oom"] else f"{naive['ms']:.2f}"
         naive_peak = "OOM" if naive["oom"] else f"{naive['peak_gib']:.2f}"
         ratio = (
@@ -291,7 +349,7 @@ def markdown(report: dict) -> str:
             f"| {row['tokens']} | {row['vocab']} | {row['copy_gbps']:.0f} | {row['floor_ms']:.2f}"
             f" | {ours['ms']:.2f}"
             f" | {row['ours_over_floor']:.2f} | {ours['peak_gib']:.2f} | {unfused['ms']:.2f} | {naive_ms}"
-            f" | {naive_peak} | {ratio} |"
+            f" | {naive_peak} | {ratio} | {onepass_cells} |"
         )
     if report.get("kinds"):
         lines += [

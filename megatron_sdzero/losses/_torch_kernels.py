@@ -175,13 +175,19 @@ def divergence_grad(
     inv_temp: float,
     spec: GradSpec,
     chunk_tokens: int,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Gradient w.r.t. the student shard: coef[row] * d value[row] / d student[row, :].
 
     ``coef`` already holds the upstream gradient times 1/temperature; rows with coef == 0 are
-    written as zeros without reading their logits.
+    written as zeros without reading their logits. ``out`` may be the student itself: each chunk of
+    rows is copied to float32 before its gradient is written back.
     """
-    grad = torch.zeros_like(student)
+    if out is None:
+        grad = torch.zeros_like(student)
+    else:
+        grad = out
+        grad[coef == 0] = 0.0
     for rows in _row_chunks(coef != 0, chunk_tokens):
         targets = None if target_cols is None else target_cols[rows]
         rows_grad = _grad_rows(student, teacher, table[rows], targets, rows, shard, inv_temp, spec)

@@ -454,11 +454,13 @@ def divergence_grad(
     inv_temp: float,
     spec: GradSpec,
     chunk_tokens: int,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
+    """``out`` may be the student itself: each block of a row is read before it is written."""
     del chunk_tokens
     student, teacher = _same_row_stride(student, teacher)
     n_rows, n_cols = student.shape
-    grad = torch.empty(student.shape, dtype=student.dtype, device=student.device)
+    grad = torch.empty(student.shape, dtype=student.dtype, device=student.device) if out is None else out
     if n_rows == 0:
         return grad
     teacher_or_student = student if teacher is None else teacher
@@ -482,13 +484,18 @@ def fused_loss_and_grad(
     shard: VocabShard,
     inv_temp: float,
     spec: GradSpec,
+    out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """TP = 1 only, KL family or cross-entropy: per-row values and the gradient in one launch."""
+    """TP = 1 only, KL family or cross-entropy: per-row values and the gradient in one launch.
+
+    ``out`` may be the student itself: a row's program finishes both reads of the row (statistics,
+    then each gradient block before its store) before it overwrites that block.
+    """
     if shard.tp_size != 1 or spec.kind == "jsd":
         raise ValueError("the fused kernel covers a single process and the KL family / cross-entropy")
     student, teacher = _same_row_stride(student, teacher)
     n_rows, n_cols = student.shape
-    grad = torch.empty(student.shape, dtype=student.dtype, device=student.device)
+    grad = torch.empty(student.shape, dtype=student.dtype, device=student.device) if out is None else out
     values = torch.empty(n_rows, dtype=torch.float32, device=student.device)
     table = torch.empty(n_rows, TABLE_WIDTH, dtype=torch.float32, device=student.device)
     if n_rows == 0:

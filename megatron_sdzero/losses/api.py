@@ -34,6 +34,21 @@ kept until backward; the backward returns it as is when the upstream gradient is
 host sync to check) and rescales it in place otherwise. So the student and teacher logits are not
 needed after the call, and the memory held is one gradient-sized tensor. Top-k modes compute a
 [tokens, k(+1)] bucket gradient in the forward and scatter it in the backward.
+
+In-place gradient (``grad_in_place=True``, full vocabulary only): the gradient is written into the
+student logits themselves during the forward call, so no gradient-sized buffer is allocated (peak:
+student + teacher). The caller must not read the logits afterwards (they hold the gradient; the
+backward hands that same storage on). It is safe with autograd when nothing else needs the logits'
+values: e.g. logits produced by a matmul / linear layer (whose backward keeps its inputs, not its
+output), or a leaf. It is refused at the call when the op that produced the logits saved them for
+its backward (e.g. tanh soft-capping), or when the teacher shares their memory; any other autograd
+node that saved the logits (another loss on them, say) makes the backward fail with PyTorch's
+"modified by an inplace operation" error, since the call bumps the logits' version counter. Without
+grad mode or when the logits do not require grad, no gradient is computed and the logits are left
+alone; logits whose rows are not contiguous get a separate gradient buffer.
+
+With TP = 1 on an H100/H200 the fused pass is the one-pass cluster kernel when it applies
+(``SDZERO_KL_ONEPASS=auto|1|0``, see ``_cluster_kernel.py``), else the Triton fused kernel.
 """
 
 from __future__ import annotations
@@ -136,6 +151,41 @@ def _check_shapes(logits: torch.Tensor, loss_mask: torch.Tensor, other: torch.Te
         )
 
 
+def _saved_by_producer(logits: torch.Tensor) -> str | None:
+    """Name of the autograd node that produced ``logits`` (or their base, for a view) and saved a
+    tensor sharing their memory for its backward; None when there is none."""
+    storage = logits.untyped_storage().data_ptr()
+    bases = [logits] if logits._base is None else [logits, logits._base]
+    for node in (base.grad_fn for base in bases):
+        if node is None:
+            continue
+        for name in (attr for attr in dir(node) if attr.startswith("_saved_")):
+            try:
+                saved = getattr(node, name)
+            except RuntimeError:  # freed by an earlier backward
+                continue
+            tensors = saved if isinstance(saved, tuple | list) else (saved,)
+            shared = (
+                t.untyped_storage().data_ptr() == storage for t in tensors if isinstance(t, torch.Tensor)
+            )
+            if any(shared):
+                return node.name()
+    return None
+
+
+def _check_grad_in_place(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None) -> None:
+    if teacher_logits is not None and (
+        teacher_logits.untyped_storage().data_ptr() == student_logits.untyped_storage().data_ptr()
+    ):
+        raise ValueError("grad_in_place: the teacher logits share memory with the student logits")
+    producer = _saved_by_producer(student_logits)
+    if producer is not None:
+        raise ValueError(
+            f"grad_in_place: the student logits were saved by {producer} for its backward; overwriting"
+            " them with the gradient would corrupt it (call without grad_in_place)"
+        )
+
+
 def _settings(
     logits: torch.Tensor,
     vocab_start: int | None,
@@ -167,6 +217,7 @@ def distill_loss(
     tp_group: ProcessGroup | None = None,
     num_valid_tokens_global: torch.Tensor | int | None = None,
     reduction: Reduction = "mean",
+    grad_in_place: bool = False,
 ) -> tuple[torch.Tensor, LossMetrics]:
     """Token-level divergence between student and teacher on this rank's vocab shard.
 
@@ -180,11 +231,17 @@ def distill_loss(
     sample_weights: per-sample weights broadcastable to loss_mask (see :func:`token_weights`).
     tp_group: the tensor-parallel group; default Megatron's when initialised, else a single process.
     num_valid_tokens_global / reduction: see the module docstring.
+    grad_in_place: write the gradient into ``student_logits`` during this call (they must not be used
+        afterwards); full vocabulary only. See "In-place gradient" in the module docstring.
 
     Returns (loss, metrics); the loss is a float32 scalar, identical on every tensor-parallel rank.
     """
     config = config or DistillLossConfig()
     _check_shapes(student_logits, loss_mask, teacher_logits)
+    if grad_in_place:
+        if config.top_k is not None:
+            raise ValueError("grad_in_place needs the full-vocabulary loss (top_k=None)")
+        _check_grad_in_place(student_logits, teacher_logits)
     settings = _settings(
         student_logits, vocab_start, valid_vocab_size, tp_group,
         config.temperature, config.chunk_tokens, config.backend,
@@ -202,7 +259,9 @@ def distill_loss(
     if config.top_k is None:
         row_coef = (weights.reshape(-1) / divisor).contiguous()
         needs_grad = torch.is_grad_enabled() and student_logits.requires_grad
-        loss, values = FullVocabLoss.apply(student, teacher, None, row_coef, spec, settings, needs_grad)
+        loss, values = FullVocabLoss.apply(
+            student, teacher, None, row_coef, spec, settings, needs_grad, grad_in_place
+        )
     else:
         active = (weights != 0).reshape(-1)
         values = TopKDivergence.apply(
@@ -225,6 +284,7 @@ def masked_cross_entropy(
     reduction: Reduction = "mean",
     chunk_tokens: int = 1024,
     backend: Backend = "auto",
+    grad_in_place: bool = False,
 ) -> tuple[torch.Tensor, LossMetrics]:
     """Masked cross-entropy of vocab-parallel logits (the SFT loss), on the same machinery.
 
@@ -232,8 +292,12 @@ def masked_cross_entropy(
     returns per-token values and overwrites its input); here masked tokens are skipped (their labels
     may be anything, e.g. -100), padding ids are excluded from the softmax, and the reduction
     follows the module docstring. ``labels`` are global vocabulary ids shaped like ``loss_mask``.
+    ``grad_in_place``: write the gradient into ``logits`` during this call (they must not be used
+    afterwards); see "In-place gradient" in the module docstring.
     """
     _check_shapes(logits, loss_mask)
+    if grad_in_place:
+        _check_grad_in_place(logits, None)
     if labels.shape != loss_mask.shape:
         raise ValueError(f"labels {tuple(labels.shape)} must match loss_mask {tuple(loss_mask.shape)}")
     settings = _settings(logits, vocab_start, valid_vocab_size, tp_group, 1.0, chunk_tokens, backend)
@@ -249,5 +313,6 @@ def masked_cross_entropy(
         GradSpec(kind="ce"),
         settings,
         needs_grad,
+        grad_in_place,
     )
     return loss, _metrics(values, weights)

@@ -33,6 +33,7 @@ from types import ModuleType
 import torch
 
 from megatron_sdzero.losses import _torch_kernels
+from megatron_sdzero.losses._cluster_kernel import select_fused_kernel
 from megatron_sdzero.losses._torch_kernels import TABLE_WIDTH, GradSpec
 from megatron_sdzero.losses.config import Backend
 from megatron_sdzero.losses.parallel import VocabShard, all_reduce_max_, all_reduce_sum_
@@ -164,6 +165,13 @@ def _uses_fused_kernel(settings: PassSettings, spec: GradSpec, needs_grad: bool)
     return needs_grad and settings.shard.tp_size == 1 and spec.kind != "jsd" and fused_available
 
 
+def _in_place_target(student: torch.Tensor, grad_in_place: bool, needs_grad: bool) -> torch.Tensor | None:
+    """The student itself when the gradient may overwrite it (rows contiguous, like the kernels'
+    gradient buffers); else None and a separate gradient buffer."""
+    rows_contiguous = student.stride(-1) == 1 and student.stride(0) == student.shape[-1]
+    return student if grad_in_place and needs_grad and rows_contiguous else None
+
+
 def scale_precomputed_grad(grad: torch.Tensor, grad_loss: torch.Tensor) -> torch.Tensor:
     """grad * upstream gradient, skipping the pass over the gradient when the upstream is exactly 1
     (loss.backward(), Megatron's per-token-loss mode); this check costs one host sync."""
@@ -177,19 +185,25 @@ class FullVocabLoss(torch.autograd.Function):
 
     Returns (loss, per-token values); only the loss is differentiable, only w.r.t. the student.
     The gradient is computed in the forward, right after the per-row statistics (one fused kernel
-    with TP = 1 on the GPU), and the backward only rescales it when the upstream gradient is not 1.
+    with TP = 1 on the GPU: the one-pass cluster kernel where it qualifies, see _cluster_kernel.py),
+    and the backward only rescales it when the upstream gradient is not 1. With ``grad_in_place``
+    the gradient overwrites the student logits, whose version counter is then bumped so that any
+    other autograd node that saved them fails at backward instead of using the gradient.
     """
 
     @staticmethod
     def forward(
-        ctx, student, teacher, labels, row_coef, spec: GradSpec, settings: PassSettings, needs_grad: bool
-    ):  # type: ignore[override]
+        ctx, student, teacher, labels, row_coef, spec: GradSpec, settings: PassSettings, needs_grad: bool,
+        grad_in_place: bool = False,
+    ):  # type: ignore[override]  # fmt: skip
         active = row_coef != 0
         grad_coef = row_coef * settings.inv_temp
         local_cols = None if labels is None else label_columns(labels, active, settings.shard)
+        out = _in_place_target(student, grad_in_place, needs_grad)
         if _uses_fused_kernel(settings, spec, needs_grad):
-            values, grad = settings.kernels.fused_loss_and_grad(
-                student, teacher, grad_coef, local_cols, settings.shard, settings.inv_temp, spec
+            fused = select_fused_kernel(settings.kernels, student, teacher)
+            values, grad = fused(
+                student, teacher, grad_coef, local_cols, settings.shard, settings.inv_temp, spec, out=out
             )
         else:
             if spec.kind == "ce":
@@ -201,8 +215,10 @@ class FullVocabLoss(torch.autograd.Function):
             if needs_grad:
                 grad = settings.kernels.divergence_grad(
                     student, teacher, table, grad_coef, local_cols, settings.shard, settings.inv_temp, spec,
-                    settings.chunk_tokens,
+                    settings.chunk_tokens, out=out,
                 )  # fmt: skip
+        if out is not None:
+            torch.autograd.graph.increment_version(out)
         ctx.precomputed_grad = grad
         ctx.mark_non_differentiable(values)
         return (values * row_coef).sum(), values
@@ -213,7 +229,7 @@ class FullVocabLoss(torch.autograd.Function):
         grad, ctx.precomputed_grad = ctx.precomputed_grad, None
         if grad is None:
             raise RuntimeError("distill_loss / masked_cross_entropy ran without grad mode; cannot backward")
-        return scale_precomputed_grad(grad, grad_loss), None, None, None, None, None, None
+        return scale_precomputed_grad(grad, grad_loss), None, None, None, None, None, None, None
 
 
 def row_coefficients(grad_values: torch.Tensor, active: torch.Tensor, inv_temp: float) -> torch.Tensor:
