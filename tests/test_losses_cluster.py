@@ -128,7 +128,7 @@ def test_shared_memory_plan() -> None:
 def test_environment_variables(monkeypatch) -> None:
     monkeypatch.delenv(_cluster_kernel.ONEPASS_ENV, raising=False)
     monkeypatch.delenv(_cluster_kernel.CLUSTER_ENV, raising=False)
-    assert _cluster_kernel.onepass_mode() == "auto" and _cluster_kernel.cluster_size() == 8
+    assert _cluster_kernel.onepass_mode() == "0" and _cluster_kernel.cluster_size() == 8  # opt-in
     monkeypatch.setenv(_cluster_kernel.ONEPASS_ENV, " 1 ")
     monkeypatch.setenv(_cluster_kernel.CLUSTER_ENV, "16")
     assert _cluster_kernel.onepass_mode() == "1" and _cluster_kernel.cluster_size() == 16
@@ -192,6 +192,7 @@ def test_refused_launch_falls_back_to_triton_and_is_remembered(monkeypatch, capl
             )
 
     monkeypatch.setattr(_cluster_kernel, "_launch_failures", {})
+    monkeypatch.setenv(_cluster_kernel.ONEPASS_ENV, "auto")
     monkeypatch.setattr(_cluster_kernel, "_reported", set())
     monkeypatch.setattr(_cluster_kernel, "build_status", lambda: (RefusingModule, None))
     monkeypatch.setattr(_triton_kernels, "fused_loss_and_grad", lambda *args, **kwargs: "triton result")
@@ -213,6 +214,7 @@ def test_refused_launch_falls_back_to_triton_and_is_remembered(monkeypatch, capl
 
 
 def test_cpu_tensors_fall_back_before_any_build(monkeypatch) -> None:
+    monkeypatch.setenv(_cluster_kernel.ONEPASS_ENV, "auto")
     monkeypatch.setattr(_cluster_kernel, "build_status", lambda: pytest.fail("must not build"))
     x = torch.zeros(4, 64, dtype=torch.bfloat16)
     plan, reason = _cluster_kernel.onepass_plan(x, x)

@@ -9,11 +9,14 @@ memory; then each CTA writes its slice's gradient from shared memory. Same outpu
 ``_triton_kernels.fused_loss_and_grad`` (KL family and cross-entropy; JSD stays on Triton).
 
 Selection, for every call that would use the Triton fused kernel, by ``SDZERO_KL_ONEPASS``:
-``auto`` (default) and ``1`` use the cluster kernel when it qualifies (compute capability 9.x, bf16
-or fp16 student and teacher of the same dtype, contiguous 16-byte aligned rows, a row that fits in
-the cluster's shared memory, the extension builds); ``0`` never does. Otherwise the call falls back
-to the Triton fused kernel and logs why: once per reason with ``auto``, on every fallback with
-``1``. ``SDZERO_KL_CLUSTER`` sets the cluster size (1-16, default 8; above 8 is non-portable).
+``0`` (default) never uses it; ``auto`` and ``1`` use the cluster kernel when it qualifies (compute
+capability 9.x, bf16 or fp16 student and teacher of the same dtype, contiguous 16-byte aligned rows,
+a row that fits in the cluster's shared memory, the extension builds). It is off by default: on an
+H100 it is slower than the Triton fused kernel (10.8 vs 8.7 ms at 16384 x 151936) and one case
+(vocab 100278, T = 0.7) failed the float64 check (docs/benchmarks.md). When it does not qualify,
+the call falls back to the Triton fused kernel and logs why: once per reason with ``auto``, on
+every fallback with ``1``. ``SDZERO_KL_CLUSTER`` sets the cluster size (1-16, default 8; above 8
+is non-portable).
 
 The extension is compiled on first use with ``torch.utils.cpp_extension.load`` (nvcc, ninja) into
 ``$TORCH_EXTENSIONS_DIR/<name>`` when that is set, else ``~/.cache/megatron_sdzero/torch_extensions``;
@@ -57,7 +60,7 @@ FusedKernel = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
 
 def onepass_mode() -> str:
-    mode = os.environ.get(ONEPASS_ENV, "auto").strip().lower()
+    mode = os.environ.get(ONEPASS_ENV, "0").strip().lower()
     if mode not in MODES:
         raise ValueError(f"{ONEPASS_ENV} must be one of {MODES}, got {mode!r}")
     return mode
