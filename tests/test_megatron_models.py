@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from megatron_checks import logits_loss_and_grads, merge_ranks
 
 from megatron_sdzero.conversion.convert import hf_to_mcore
 from megatron_sdzero.runtime.launch import run_on_ranks
@@ -23,61 +24,17 @@ def converted(tiny_hf_models, tmp_path_factory) -> dict[str, Path]:
     return {name: hf_to_mcore(path, root / name, tp=2, pp=2) for name, path in tiny_hf_models.items()}
 
 
-def _logits_and_grads(checkpoints: dict[str, str], tp: int, pp: int, tokens: torch.Tensor) -> dict:
-    """On each rank: load every checkpoint at (tp, pp); forward logits; fwd+bwd of a CE loss."""
+def _grads(model, arch) -> dict:
+    """The final norm's gradient (last stage) and the untied embedding's, TP shards gathered."""
     from megatron.core import parallel_state, tensor_parallel
-    from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from megatron_sdzero.conversion.megatron_io import ModelMeta, _build, load_weights, resolve_checkpoint
-    from megatron_sdzero.models.inference import forward_logits
-    from megatron_sdzero.runtime.distributed import ParallelConfig, init_model_parallel
-
-    init_model_parallel(ParallelConfig(tp=tp, pp=pp))
-    out = {}
-    for name, path in checkpoints.items():
-        root, ckpt = resolve_checkpoint(Path(path))
-        meta = ModelMeta.read(root)
-        model = _build(meta)
-        load_weights(model, ckpt)
-        with torch.no_grad():
-            logits = forward_logits(model, tokens, meta.arch.vocab_size)
-        labels = tokens.roll(-1, dims=1)
-        positions = torch.arange(tokens.shape[1]).expand_as(tokens)
-        losses = []
-
-        def step(_, m, losses=losses, labels=labels, positions=positions):
-            per_token = m(tokens, positions, None, labels=labels)
-            return per_token, lambda o: (o.float().mean(), {"loss": o.float().mean().detach()})
-
-        losses = get_forward_backward_func()(
-            forward_step_func=step,
-            data_iterator=iter([None]),
-            model=[model],
-            num_microbatches=1,
-            seq_length=tokens.shape[1],
-            micro_batch_size=tokens.shape[0],
-        )
-        grads = {}
-        if parallel_state.is_pipeline_last_stage():
-            grads["final_norm"] = model.decoder.final_layernorm.weight.grad.clone()
-        if parallel_state.is_pipeline_first_stage() and not meta.arch.tie_word_embeddings:
-            shard = model.embedding.word_embeddings.weight.grad
-            grads["embedding"] = tensor_parallel.gather_from_tensor_model_parallel_region(shard.t()).t()
-        out[name] = dict(logits=logits, loss=[x["loss"] for x in losses], grads=grads)
-    return out
-
-
-def _merge(rank_results: list[dict]) -> dict:
-    merged = {}
-    for result in rank_results:
-        for name, values in result.items():
-            entry = merged.setdefault(name, {"logits": None, "loss": None, "grads": {}})
-            if values["logits"] is not None:
-                entry["logits"] = values["logits"]
-            if values["loss"]:
-                entry["loss"] = values["loss"][0]
-            entry["grads"].update(values["grads"])
-    return merged
+    grads = {}
+    if parallel_state.is_pipeline_last_stage():
+        grads["final_norm"] = model.decoder.final_layernorm.weight.grad.clone()
+    if parallel_state.is_pipeline_first_stage() and not arch.tie_word_embeddings:
+        shard = model.embedding.word_embeddings.weight.grad
+        grads["embedding"] = tensor_parallel.gather_from_tensor_model_parallel_region(shard.t()).t()
+    return {"grads": grads}
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +43,9 @@ def megatron_results(converted) -> dict:
     tokens = torch.randint(0, 500, (2, 48))
     checkpoints = {name: str(path) for name, path in converted.items()}
     results = {
-        (tp, pp): _merge(run_on_ranks(_logits_and_grads, tp * pp, checkpoints, tp, pp, tokens))
+        (tp, pp): merge_ranks(
+            run_on_ranks(logits_loss_and_grads, tp * pp, checkpoints, tp, pp, tokens, _grads)
+        )
         for tp, pp in LAYOUTS
     }
     return {"tokens": tokens, "results": results}

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from megatron_checks import logits_loss_and_grads, merge_ranks
 from safetensors.torch import load_file
 
 from megatron_sdzero.conversion.convert import hf_to_mcore, mcore_to_hf
@@ -248,58 +249,8 @@ def _grad_norm(model) -> float:
     return get_grad_norm_fp32(grads, grad_stats_parallel_group=parallel_state.get_model_parallel_group())
 
 
-def _logits_and_grads(checkpoints: dict[str, str], tp: int, pp: int, tokens: torch.Tensor) -> dict:
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
-    from megatron_sdzero.conversion.megatron_io import ModelMeta, _build, load_weights, resolve_checkpoint
-    from megatron_sdzero.models.inference import forward_logits
-    from megatron_sdzero.runtime.distributed import ParallelConfig, init_model_parallel
-
-    init_model_parallel(ParallelConfig(tp=tp, pp=pp))
-    labels = tokens.roll(-1, dims=1)
-    positions = torch.arange(tokens.shape[1]).expand_as(tokens)
-    out = {}
-    for name, path in checkpoints.items():
-        root, ckpt = resolve_checkpoint(Path(path))
-        meta = ModelMeta.read(root)
-        model = _build(meta)
-        load_weights(model, ckpt)
-        with torch.no_grad():
-            logits = forward_logits(model, tokens, meta.arch.vocab_size)
-
-        def step(_, m):
-            per_token = m(tokens, positions, None, labels=labels)
-            return per_token, lambda o: (o.float().mean(), {"loss": o.float().mean().detach()})
-
-        losses = get_forward_backward_func()(
-            forward_step_func=step,
-            data_iterator=iter([None]),
-            model=[model],
-            num_microbatches=1,
-            seq_length=tokens.shape[1],
-            micro_batch_size=tokens.shape[0],
-        )
-        out[name] = dict(
-            logits=logits,
-            loss=[x["loss"] for x in losses],
-            grads=_grads(model, meta.arch),
-            grad_norm=_grad_norm(model),
-        )
-    return out
-
-
-def _merge(rank_results: list[dict]) -> dict:
-    merged = {}
-    for result in rank_results:
-        for name, values in result.items():
-            entry = merged.setdefault(name, {"logits": None, "loss": None, "grads": {}})
-            entry["grad_norm"] = values["grad_norm"]
-            if values["logits"] is not None:
-                entry["logits"] = values["logits"]
-            if values["loss"]:
-                entry["loss"] = values["loss"][0]
-            entry["grads"].update(values["grads"])
-    return merged
+def _grads_and_norm(model, arch) -> dict:
+    return {"grads": _grads(model, arch), "grad_norm": _grad_norm(model)}
 
 
 @pytest.fixture(scope="module")
@@ -311,7 +262,11 @@ def tokens() -> torch.Tensor:
 def megatron_results(converted, tokens) -> dict:
     checkpoints = {name: str(path) for name, path in converted.items()}
     return {
-        (tp, pp): _merge(run_on_ranks(_logits_and_grads, tp * pp, checkpoints, tp, pp, tokens, timeout_s=600))
+        (tp, pp): merge_ranks(
+            run_on_ranks(
+                logits_loss_and_grads, tp * pp, checkpoints, tp, pp, tokens, _grads_and_norm, timeout_s=600
+            )
+        )
         for tp, pp in LAYOUTS
     }
 
