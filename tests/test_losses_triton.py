@@ -8,9 +8,13 @@ small column block so that every code path (aligned body, masked edges) is taken
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from test_losses_reference import (  # noqa: E402
     Case,
+    all_cases,
     grad_error,
     make_inputs,
     reference_cross_entropy,
@@ -29,6 +34,7 @@ from test_losses_reference import (  # noqa: E402
 
 from megatron_sdzero.losses import DistillLossConfig, distill_loss, masked_cross_entropy  # noqa: E402
 
+CASE_BY_NAME = {case.name: case for case in all_cases()}
 KINDS = [
     DistillLossConfig(kind="reverse"),
     DistillLossConfig(kind="forward"),
@@ -162,27 +168,96 @@ def test_triton_and_torch_paths_agree_on_gpu() -> None:
     assert torch.allclose(grads[0], grads[1], rtol=2**-6, atol=1e-6 * grads[1].abs().max().item())
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_top_k_kernels_match_torch_on_gpu() -> None:
+    check_top_k_kernels_match_torch("cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize(
+    "case",
+    [c for c in _gpu_cases() if c.config.top_k is not None and c.name.endswith("-bf16")],
+    ids=lambda case: case.name,
+)
+def test_top_k_rows_past_the_scratch_list_fall_back_on_gpu(case: Case) -> None:
+    """These bf16 teachers have hundreds of tied logits at the top-64 cut: with a 64-key scratch
+    list every active row overflows and takes the PyTorch fallback, which must give the same."""
+    from megatron_sdzero.losses import _triton_topk
+    from megatron_sdzero.losses.parallel import VocabShard
+
+    inputs = make_inputs(case)
+    teacher = inputs["teacher"].reshape(-1, case.vocab).cuda()
+    active = (inputs["loss_mask"] * inputs["sample_weights"]).reshape(-1).cuda() != 0
+    shard = VocabShard(start=0, size=case.vocab, valid_vocab_size=case.valid_vocab, group=None)
+    with scratch_keys(64):
+        assert torch.equal(_triton_topk.local_top_k(teacher, None, active, 64, shard, 1.0).overflow, active)
+        _assert_ok(check_distill(case, "cuda", "auto"), case.name)
+
+
+TOP_K_AGREEMENT_CONFIGS = [
+    DistillLossConfig(kind="mixed", top_k=64),
+    DistillLossConfig(kind="reverse", top_k=64, top_k_tail=True),
+    DistillLossConfig(kind="forward", top_k=5, top_k_tail=True),
+    DistillLossConfig(kind="jsd", top_k=256, top_k_tail=True, temperature=0.7),  # the largest Triton k
+]
+
+
+def check_top_k_paths_agree(config: DistillLossConfig, tokens: int, vocab: int, device: str) -> None:
+    """Logits like tools/bench_kl.py's (bf16, teacher = noise + 0.8 student), a quarter of the
+    tokens masked, upstream gradient 3: the Triton path's per-token values and gradient against
+    the PyTorch path's (ties at the cut go to the lowest id on both)."""
+    gen = torch.Generator(device=device).manual_seed(tokens)
+    student = torch.randn(tokens, vocab, device=device, generator=gen).mul_(2.0).to(torch.bfloat16)
+    teacher = torch.randn(tokens, vocab, device=device, generator=gen).add_(student.float(), alpha=0.8)
+    teacher = teacher.to(torch.bfloat16)
+    loss_mask = (torch.rand(tokens, device=device, generator=gen) > 0.25).float()
+    results = []
+    for backend in ("triton", "torch"):
+        x = student.clone().requires_grad_()
+        settings = DistillLossConfig(**{**config.__dict__, "backend": backend})
+        loss, metrics = distill_loss(x, teacher, loss_mask, config=settings)
+        (loss * 3.0).backward()
+        results.append((loss.item(), metrics.token_values, x.grad.float()))
+    (loss, values, grad), (ref_loss, ref_values, ref_grad) = results
+    assert value_error(loss, ref_loss) <= 1.0, (loss, ref_loss)
+    torch.testing.assert_close(values, ref_values, rtol=1e-4, atol=1e-5)
+    assert torch.allclose(grad, ref_grad, rtol=2**-6, atol=1e-6 * ref_grad.abs().max().item())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize(
+    "config", TOP_K_AGREEMENT_CONFIGS, ids=lambda c: f"{c.kind}-top{c.top_k}-tail{c.top_k_tail}"
+)
+def test_top_k_triton_and_torch_paths_agree_on_gpu(config: DistillLossConfig) -> None:
+    check_top_k_paths_agree(config, tokens=4096, vocab=151936, device="cuda")
+
+
 # ---------------------------------------------------------------- CPU, Triton interpreter
+
+
+def patch_triton_interpreter() -> None:
+    """Triton 3.6's interpreter converts loop bounds with int() of a 1-element array, which NumPy
+    >= 2.5 rejects; take the element explicitly. Call it before the first kernel runs."""
+    from triton.runtime import interpreter
+
+    original = interpreter._patch_lang_tensor
+
+    def patched(tensor, scope) -> None:
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    interpreter._patch_lang_tensor = patched
+
 
 _INTERPRETER_SCRIPT = """
 import sys
 sys.path.insert(0, {tests_dir!r})
-from triton.runtime import interpreter
-
-_original = interpreter._patch_lang_tensor
-
-
-def _patched(tensor, scope):
-    # Triton 3.6's interpreter converts loop bounds with int() of a 1-element array, which NumPy
-    # >= 2.5 rejects; take the element explicitly.
-    _original(tensor, scope)
-    scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-
-interpreter._patch_lang_tensor = _patched
-
 import torch
 import test_losses_triton as T
+T.patch_triton_interpreter()
 from test_losses_reference import all_cases
 from megatron_sdzero.losses import _torch_kernels, _triton_kernels
 
@@ -241,11 +316,170 @@ def check_unfused_kernels_match_torch(torch_kernels, triton_kernels) -> None:
     torch.testing.assert_close(sums[1], sums[0], rtol=1e-5, atol=1e-6)
 
 
-def test_triton_kernels_in_interpreter_match_float64_reference() -> None:
+def _run_in_interpreter(script: str, **env: str) -> None:
+    """Run a script with TRITON_INTERPRET=1 (read at import, hence the subprocess); it prints
+    INTERPRETER_OK when every check passed."""
     pytest.importorskip("triton")
-    script = _INTERPRETER_SCRIPT.format(tests_dir=str(Path(__file__).parent))
-    env = {**os.environ, "TRITON_INTERPRET": "1", "SDZERO_KL_BLOCK": "32", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1", **env}
     result = subprocess.run(
-        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
-    )
+        [sys.executable, "-c", script.format(tests_dir=str(Path(__file__).parent))],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
     assert result.returncode == 0 and "INTERPRETER_OK" in result.stdout, result.stdout + result.stderr[-4000:]
+
+
+def test_triton_kernels_in_interpreter_match_float64_reference() -> None:
+    _run_in_interpreter(_INTERPRETER_SCRIPT, SDZERO_KL_BLOCK="32")
+
+
+# ---------------------------------------------------------------- teacher top-k kernels
+
+# (case, MIN_CANDIDATES): with SDZERO_TOPK_BLOCK=32 a block has 32 lane groups, so k = 5 takes the
+# threshold pass and k = 56 (padded to 64) collects every valid column; a scratch list of 16 keys for
+# k = 56 (64 keys) is too small for the 90 valid columns, so that case runs the PyTorch fallback.
+TOP_K_INTERPRETER_CASES = [
+    ("reverse-top5-tail/bf16-T0.7", 16),
+    ("jsd-top5-tail/extreme-1e4", 16),
+    ("mixed-top5/neg-inf", 16),
+    ("forward-top56-tail/fp32-student-bf16-teacher", 128),
+    ("reverse-top56-tail/extreme-1e4", 16),
+]
+# TP = 2: k = 56 is larger than a shard (48 columns); the candidates the global pick leaves out join the tail.
+TOP_K_INTERPRETER_TP2_CASES = [("reverse-top56-tail/bf16-T0.7", 128)]
+
+
+@contextlib.contextmanager
+def scratch_keys(min_candidates: int) -> Iterator[None]:
+    """Run with the top-k kernel's scratch list sized max(min_candidates, padded k)."""
+    from megatron_sdzero.losses import _triton_topk
+
+    original, _triton_topk.MIN_CANDIDATES = _triton_topk.MIN_CANDIDATES, min_candidates
+    try:
+        yield
+    finally:
+        _triton_topk.MIN_CANDIDATES = original
+
+
+def with_backend(case: Case, backend: str) -> Case:
+    return dataclasses.replace(case, config=DistillLossConfig(**{**case.config.__dict__, "backend": backend}))
+
+
+def _tail_lse(
+    x64: torch.Tensor, columns: torch.Tensor, tail: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-sum-exp from a kernel's [max, sum] tail, float64 log-sum-exp outside ``columns``)."""
+    got = tail[:, 0].double() + tail[:, 1].double().log()
+    return got, torch.logsumexp(x64.scatter(1, columns, float("-inf")), dim=-1)
+
+
+def _check_local_top_k(
+    teacher: torch.Tensor, student: torch.Tensor, active: torch.Tensor, k: int, cap: int, tied_row: int
+) -> None:
+    """local_top_k with the tails, scratch list of max(cap, padded k)."""
+    from megatron_sdzero.losses import _triton_topk
+    from megatron_sdzero.losses.parallel import VocabShard
+
+    shard = VocabShard(start=70, size=70, valid_vocab_size=131, group=None)  # 61 valid columns here
+    with scratch_keys(cap):
+        found = _triton_topk.local_top_k(teacher, student, active, k, shard, 1.3)
+    padded_k = 1 << (k - 1).bit_length()
+    # Only the row of equal teacher logits has more candidates (all 61) than the scratch list holds.
+    tied = torch.arange(9, device=active.device) == tied_row
+    overflow = active & tied & (max(cap, padded_k) < 61)
+    assert torch.equal(found.overflow, overflow), found.overflow
+    done = active & ~overflow
+    columns = found.columns[done]
+    assert (found.columns[~active] == 0).all()
+    assert (columns.sort(dim=-1).values.diff(dim=-1) > 0).all()
+    t64, s64 = (x[:, :61].double() * 1.3 for x in (teacher, student))
+    top_values = t64.topk(k, dim=-1).values.sort(dim=-1).values[done]
+    assert torch.equal(t64[done].gather(1, columns).sort(dim=-1).values, top_values)
+    if done[tied_row]:  # every teacher logit of this row is equal: ties go to the lowest columns
+        assert torch.equal(found.columns[tied_row].sort().values.cpu(), torch.arange(k))
+    for half, x64 in enumerate((t64, s64)):
+        got, want = _tail_lse(x64[done], columns, found.tail[done][:, 2 * half :])
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-5)
+
+
+def check_top_k_kernels_match_torch(device: str) -> None:
+    """The top-k kernels alone, on 9 rows of 70 bf16 columns, 61 of them valid: rows are not 16-byte
+    aligned, so the masked head and tail blocks move from row to row. Selected columns and both
+    tails against float64, with and without the threshold pass; a row of equal teacher logits
+    overflows a small scratch list (flagged for the caller); the tail gradient against PyTorch."""
+    from megatron_sdzero.losses import _torch_kernels, _triton_topk, topk
+    from megatron_sdzero.losses.full_vocab import PassSettings
+    from megatron_sdzero.losses.parallel import VocabShard
+
+    gen = torch.Generator().manual_seed(5)
+    teacher = torch.argsort(torch.rand(9, 70, generator=gen), dim=-1) * 0.08 - 2.8  # distinct in bf16
+    teacher[5] = 1.0
+    teacher = teacher.to(torch.bfloat16).to(device)
+    student = (torch.randn(9, 70, generator=gen) * 3).to(torch.bfloat16).to(device)
+    student[4, 3] = float("-inf")
+    active = torch.tensor([1, 1, 0, 1, 1, 1, 0, 1, 1], dtype=torch.bool, device=device)
+    for k, cap in ((5, 16), (40, 16)):
+        _check_local_top_k(teacher, student, active, k, cap, tied_row=5)
+    shard = VocabShard(start=70, size=70, valid_vocab_size=131, group=None)
+    s64 = student[:, :61].double() * 1.3
+    tail = torch.stack([s64.amax(dim=-1), torch.logsumexp(s64, dim=-1) - s64.amax(dim=-1)], dim=1).float()
+    coef = torch.where(active, torch.randn(9, generator=gen).to(device), 0.0)
+    got = _triton_topk.tail_grad(student, tail, coef, shard, 1.3)
+    want = torch.zeros_like(student)
+    topk._write_tail_grad(want, student, tail, coef, PassSettings(shard, 1.3, 4, _torch_kernels))
+    torch.testing.assert_close(got.float(), want.float(), rtol=2**-6, atol=1e-6)
+
+
+def check_top_k_cases(names: list[tuple[str, int]]) -> float:
+    """TP = 1 top-k cases through the Triton path against float64; the worst error (x tolerance)."""
+    worst = 0.0
+    for name, cap in names:
+        with scratch_keys(cap):
+            errors = check_distill(CASE_BY_NAME[name], "cpu", "triton")
+        worst = max(worst, errors["value"], errors["tokens"], errors["grad"])
+        assert errors["finite"] == 1.0 and worst <= 1.0, (name, errors)
+    return worst
+
+
+def top_k_tp2_worker(rank: int, port: int, out_dir: str) -> None:
+    """One of two gloo ranks running TOP_K_INTERPRETER_TP2_CASES on its vocab shard."""
+    import torch.distributed as dist
+    from test_losses import run_case
+
+    patch_triton_interpreter()
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        results = {}
+        for name, cap in TOP_K_INTERPRETER_TP2_CASES:
+            with scratch_keys(cap):
+                results[name] = run_case(
+                    with_backend(CASE_BY_NAME[name], "triton"), 2, rank, dist.group.WORLD
+                )
+    finally:
+        dist.destroy_process_group()
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
+
+
+_TOP_K_INTERPRETER_SCRIPT = """
+import json, sys, tempfile
+from pathlib import Path
+sys.path.insert(0, {tests_dir!r})
+import torch
+import torch.multiprocessing as mp
+import test_losses_triton as T
+from test_losses import _free_port, assert_within_tolerance
+T.patch_triton_interpreter()
+T.check_top_k_kernels_match_torch("cpu")
+worst = T.check_top_k_cases(T.TOP_K_INTERPRETER_CASES)
+with tempfile.TemporaryDirectory() as out_dir:
+    mp.start_processes(T.top_k_tp2_worker, args=(_free_port(), out_dir), nprocs=2, start_method="spawn")
+    for rank in range(2):
+        for name, errors in json.loads(Path(out_dir, f"rank{{rank}}.json").read_text()).items():
+            assert_within_tolerance(errors, f"tp2/rank{{rank}}/{{name}}")
+            worst = max(worst, errors["value"], errors["tokens"], errors["grad"])
+print("INTERPRETER_OK worst", worst)
+"""
+
+
+def test_top_k_kernels_in_interpreter_match_float64_reference() -> None:
+    _run_in_interpreter(_TOP_K_INTERPRETER_SCRIPT, SDZERO_TOPK_BLOCK="32", SDZERO_TOPK_GRAD_BLOCK="32")

@@ -231,6 +231,11 @@ def bench_kinds(tokens: int, vocab: int) -> list[dict]:
         "jsd(0.5)": DistillLossConfig(kind="jsd"),
         "mixed top-64": DistillLossConfig(kind="mixed", top_k=64),
         "reverse top-64+tail": DistillLossConfig(kind="reverse", top_k=64, top_k_tail=True),
+        # the same two on the chunked PyTorch path (the CPU path), for comparison with the Triton path
+        "mixed top-64 (torch)": DistillLossConfig(kind="mixed", top_k=64, backend="torch"),
+        "reverse top-64+tail (torch)": DistillLossConfig(
+            kind="reverse", top_k=64, top_k_tail=True, backend="torch"
+        ),
     }
     rows = []
     for name, config in configs.items():
@@ -241,7 +246,7 @@ def bench_kinds(tokens: int, vocab: int) -> list[dict]:
     ce_step = fwd_bwd(lambda: masked_cross_entropy(student, labels, loss_mask)[0], student)
     rows.append({"kind": "cross-entropy (SFT)", **measure(ce_step, student)})
     for row in rows:
-        print(f"  {row['kind']:22s} {row['ms']:8.2f} ms  peak {row['peak_gib']:6.2f} GiB", flush=True)
+        print(f"  {row['kind']:28s} {row['ms']:8.2f} ms  peak {row['peak_gib']:6.2f} GiB", flush=True)
     return rows
 
 

@@ -13,12 +13,22 @@ Two ways to form distributions over "buckets" from the k ids:
 With bucket logits u_b = log sum_{i in b} exp(s_i), any divergence f of the bucket distributions
 has d f / d s_i = exp(s_i - u_b(i)) * d f / d u_b(i): a top-k id's gradient is its bucket gradient,
 and every id in the tail shares the tail bucket's gradient in proportion to its student probability.
+
+Backends: when the full-vocabulary passes run on Triton (CUDA tensors, or backend="triton"), the
+local top-k, both local tails and the tail gradient come from ``_triton_topk.py`` (ties at the cut go
+to the lowest id, as with CUDA's torch.topk); the candidates that the global pick leaves out join the
+tails here. k above 256 per shard and rows the kernel flags (candidates overflowing its scratch list)
+take the chunked PyTorch code, which is also the CPU path.
 """
 
 from __future__ import annotations
 
+from types import ModuleType
+from typing import TYPE_CHECKING
+
 import torch
 
+from megatron_sdzero.losses import _torch_kernels
 from megatron_sdzero.losses._torch_kernels import (
     NEG_BIG,
     GradSpec,
@@ -29,7 +39,16 @@ from megatron_sdzero.losses._torch_kernels import (
     _weighted_sum,
 )
 from megatron_sdzero.losses.full_vocab import PassSettings, row_coefficients
-from megatron_sdzero.losses.parallel import VocabShard, all_gather_last_dim, all_reduce_max_, all_reduce_sum_
+from megatron_sdzero.losses.parallel import (
+    VocabShard,
+    all_gather_last_dim,
+    all_reduce_max_,
+    all_reduce_sum_,
+    group_rank,
+)
+
+if TYPE_CHECKING:  # the module imports triton: only the GPU path loads it
+    from megatron_sdzero.losses._triton_topk import LocalTopK
 
 
 def _mix(forward_weight: float, reverse: torch.Tensor, forward: torch.Tensor) -> torch.Tensor:
@@ -65,15 +84,30 @@ def bucket_divergence(
     return _mix(w, reverse, forward), _mix(w, reverse_grad, p - q)
 
 
+def _candidate_widths(k: int, shard: VocabShard) -> tuple[int, int]:
+    """(candidates per rank, the same on every rank for the all-gather; valid ones on this rank)."""
+    if k > shard.valid_vocab_size:
+        raise ValueError(f"top_k={k} exceeds the {shard.valid_vocab_size} valid vocabulary ids")
+    width = min(k, shard.size)
+    return width, min(width, shard.valid_columns)
+
+
+def _global_top_k(
+    values: torch.Tensor, ids: torch.Tensor, k: int, shard: VocabShard
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every rank's candidates gathered, the k largest kept: (ids, values, positions picked)."""
+    all_values = all_gather_last_dim(values, shard.group)
+    all_ids = all_gather_last_dim(ids, shard.group)
+    top_values, picked = all_values.topk(k, dim=-1)
+    return all_ids.gather(1, picked), top_values, picked
+
+
 def select_teacher_top_k(
     teacher: torch.Tensor, active: torch.Tensor, k: int, settings: PassSettings
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Global top-k ids [tokens, k] of the teacher and its scaled logits there; inactive rows get id 0."""
     shard = settings.shard
-    if k > shard.valid_vocab_size:
-        raise ValueError(f"top_k={k} exceeds the {shard.valid_vocab_size} valid vocabulary ids")
-    width = min(k, shard.size)  # candidates per rank: the same on every rank, for the all-gather
-    local_k = min(width, shard.valid_columns)
+    width, local_k = _candidate_widths(k, shard)
     n_rows = teacher.shape[0]
     values = torch.full((n_rows, width), float("-inf"), dtype=torch.float32, device=teacher.device)
     ids = torch.zeros((n_rows, width), dtype=torch.int64, device=teacher.device)
@@ -82,10 +116,8 @@ def select_teacher_top_k(
         chunk_values, chunk_cols = teacher[rows][:, : shard.valid_columns].topk(local_k, dim=-1)
         values[rows, :local_k] = chunk_values.to(torch.float32) * settings.inv_temp
         ids[rows, :local_k] = chunk_cols + shard.start
-    all_values = all_gather_last_dim(values, shard.group)
-    all_ids = all_gather_last_dim(ids, shard.group)
-    top_values, picked = all_values.topk(k, dim=-1)
-    return all_ids.gather(1, picked), top_values
+    top_ids, top_values, _ = _global_top_k(values, ids, k, shard)
+    return top_ids, top_values
 
 
 def gather_student_at(student: torch.Tensor, ids: torch.Tensor, settings: PassSettings) -> torch.Tensor:
@@ -119,14 +151,146 @@ def _local_tail_stats(
     return out
 
 
+def _global_tail(local: torch.Tensor, shard: VocabShard) -> torch.Tensor:
+    """Every rank's [max, sum exp(x - max)] combined into the global [max, log sum exp(x - max)]."""
+    global_max = all_reduce_max_(local[:, 0].clone(), shard.group)
+    total = all_reduce_sum_(local[:, 1] * (local[:, 0] - global_max).exp(), shard.group)
+    return torch.stack([global_max, total.log()], dim=1)
+
+
 def tail_log_sum_exp(
     logits: torch.Tensor, ids: torch.Tensor, active: torch.Tensor, settings: PassSettings
 ) -> torch.Tensor:
     """Global [max, log sum exp(x - max)] per row over all valid ids outside the top-k."""
-    local = _local_tail_stats(logits, ids, active, settings)
-    global_max = all_reduce_max_(local[:, 0].clone(), settings.shard.group)
-    total = all_reduce_sum_(local[:, 1] * (local[:, 0] - global_max).exp(), settings.shard.group)
-    return torch.stack([global_max, total.log()], dim=1)
+    return _global_tail(_local_tail_stats(logits, ids, active, settings), settings.shard)
+
+
+def _with_terms(stats: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """[max, sum exp(x - max)] per row after adding the terms exp(logits) [rows, n] (-inf: none)."""
+    if logits.shape[1] == 0:
+        return stats
+    new_max = torch.maximum(stats[:, 0], logits.amax(dim=-1)).clamp(min=NEG_BIG)
+    total = stats[:, 1] * (stats[:, 0] - new_max).exp() + (logits - new_max[:, None]).exp().sum(dim=-1)
+    return torch.stack([new_max, total], dim=1)
+
+
+def top_k_kernels(settings: PassSettings, k: int) -> ModuleType | None:
+    """The Triton top-k kernels when the full-vocabulary passes run on Triton (the same backend
+    choice: CUDA tensors, or backend="triton") and k fits them; None for the PyTorch path."""
+    if settings.kernels is _torch_kernels:
+        return None
+    from megatron_sdzero.losses import _triton_topk
+
+    return _triton_topk if min(k, settings.shard.size) <= _triton_topk.MAX_TOP_K else None
+
+
+def _redo_overflow_rows(
+    found: LocalTopK, teacher: torch.Tensor, student: torch.Tensor | None, settings: PassSettings
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(local columns, local tails) with the rows the kernel could not finish (massive ties at
+    its threshold) recomputed by the PyTorch path; one host sync to check."""
+    columns, tail, overflow = found.columns, found.tail, found.overflow
+    if not bool(overflow.any()):
+        return columns, tail
+    shard, local_k = settings.shard, columns.shape[1]
+    for rows in _row_chunks(overflow, settings.chunk_tokens):
+        columns[rows] = teacher[rows][:, : shard.valid_columns].topk(local_k, dim=-1).indices
+    if tail is not None:
+        ids = columns + shard.start
+        redone = [_local_tail_stats(x, ids, overflow, settings) for x in (teacher, student)]
+        tail = torch.where(overflow[:, None], torch.cat(redone, dim=1), tail)
+    return columns, tail
+
+
+def _candidates_at(
+    teacher: torch.Tensor, columns: torch.Tensor, active: torch.Tensor, width: int, settings: PassSettings
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's candidates [tokens, width] for the global pick, laid out as on the PyTorch path:
+    scaled teacher logits and global ids at ``columns``, then -inf / id 0 up to ``width``."""
+    n_rows, local_k = columns.shape
+    values = torch.full((n_rows, width), float("-inf"), dtype=torch.float32, device=teacher.device)
+    ids = torch.zeros((n_rows, width), dtype=torch.int64, device=teacher.device)
+    picked = teacher.gather(1, columns).to(torch.float32) * settings.inv_temp
+    values[:, :local_k] = torch.where(active[:, None], picked, float("-inf"))
+    ids[:, :local_k] = columns + settings.shard.start
+    return values, ids
+
+
+def _left_out_here(picked: torch.Tensor, width: int, local_k: int, shard: VocabShard) -> torch.Tensor:
+    """[tokens, local_k]: which of this rank's candidates the global pick did not keep."""
+    kept = torch.zeros(picked.shape[0], width * shard.tp_size, dtype=torch.bool, device=picked.device)
+    kept.scatter_(1, picked, True)
+    begin = group_rank(shard.group) * width
+    return ~kept[:, begin : begin + local_k]
+
+
+def _select_with_kernels(
+    kernels: ModuleType,
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    active: torch.Tensor,
+    k: int,
+    with_tail: bool,
+    settings: PassSettings,
+) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+    """Triton path of ``_select``: one kernel finds this shard's top-k and, with the tail, both
+    tails over the shard's other ids; the local candidates the global pick leaves out join them."""
+    shard = settings.shard
+    width, local_k = _candidate_widths(k, shard)
+    n_rows = teacher.shape[0]
+    columns = torch.zeros(n_rows, local_k, dtype=torch.int64, device=teacher.device)
+    local_tail = torch.tensor([NEG_BIG, 0.0, NEG_BIG, 0.0], device=teacher.device).repeat(n_rows, 1)
+    if local_k > 0:
+        found = kernels.local_top_k(
+            teacher, student if with_tail else None, active, local_k, shard, settings.inv_temp
+        )
+        columns, found_tail = _redo_overflow_rows(found, teacher, student if with_tail else None, settings)
+        local_tail = local_tail if found_tail is None else found_tail
+    values, ids = _candidates_at(teacher, columns, active, width, settings)
+    top_ids, top_values, picked = _global_top_k(values, ids, k, shard)
+    if not with_tail:
+        return top_ids, top_values, None
+    left_out = _left_out_here(picked, width, local_k, shard) & active[:, None]
+    tails = _tails_with(local_tail, left_out, values[:, :local_k], student, columns, settings)
+    return top_ids, top_values, tails
+
+
+def _tails_with(
+    local_tail: torch.Tensor,
+    left_out: torch.Tensor,
+    teacher_values: torch.Tensor,
+    student: torch.Tensor,
+    columns: torch.Tensor,
+    settings: PassSettings,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Global (student, teacher) tails: this shard's tails (``local_tail``, [max, sum] of the teacher
+    then of the student) plus the local candidates at ``columns`` that the global pick left out."""
+    teacher_rest = torch.where(left_out, teacher_values, float("-inf"))
+    student_rest = student.gather(1, columns).to(torch.float32) * settings.inv_temp
+    student_rest = torch.where(left_out, student_rest, float("-inf"))
+    teacher_tail = _global_tail(_with_terms(local_tail[:, :2], teacher_rest), settings.shard)
+    student_tail = _global_tail(_with_terms(local_tail[:, 2:], student_rest), settings.shard)
+    return student_tail, teacher_tail
+
+
+def _select(
+    kernels: ModuleType | None,
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    active: torch.Tensor,
+    k: int,
+    with_tail: bool,
+    settings: PassSettings,
+) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+    """Global top-k ids, the teacher's scaled logits there and, with the tail, the (student,
+    teacher) tails as [max, log sum exp(x - max)] over every other valid id."""
+    if kernels is not None:
+        return _select_with_kernels(kernels, student, teacher, active, k, with_tail, settings)
+    ids, teacher_top = select_teacher_top_k(teacher, active, k, settings)
+    if not with_tail:
+        return ids, teacher_top, None
+    student_tail = tail_log_sum_exp(student, ids, active, settings)
+    return ids, teacher_top, (student_tail, tail_log_sum_exp(teacher, ids, active, settings))
 
 
 def _bucket_logits(top: torch.Tensor, tail: torch.Tensor | None) -> torch.Tensor:
@@ -146,10 +310,10 @@ class TopKDivergence(torch.autograd.Function):
     def forward(
         ctx, student, teacher, active, k: int, with_tail: bool, spec: GradSpec, settings: PassSettings
     ):  # type: ignore[override]
-        ids, teacher_top = select_teacher_top_k(teacher, active, k, settings)
+        kernels = top_k_kernels(settings, k)
+        ids, teacher_top, tails = _select(kernels, student, teacher, active, k, with_tail, settings)
+        student_tail, teacher_tail = tails if with_tail else (None, None)
         student_top = gather_student_at(student, ids, settings)
-        student_tail = tail_log_sum_exp(student, ids, active, settings) if with_tail else None
-        teacher_tail = tail_log_sum_exp(teacher, ids, active, settings) if with_tail else None
         u = _bucket_logits(student_top, student_tail)
         v = _bucket_logits(teacher_top, teacher_tail)
         u[~active], v[~active] = 0.0, 0.0
@@ -157,7 +321,7 @@ class TopKDivergence(torch.autograd.Function):
         values = torch.where(active, values, 0.0)
         tail = student_tail if with_tail else torch.empty(0, device=student.device)
         ctx.save_for_backward(student, ids, bucket_grad, tail, active)
-        ctx.with_tail, ctx.settings = with_tail, settings
+        ctx.with_tail, ctx.settings, ctx.kernels = with_tail, settings, kernels
         return values
 
     @staticmethod
@@ -165,13 +329,29 @@ class TopKDivergence(torch.autograd.Function):
         student, ids, bucket_grad, tail, active = ctx.saved_tensors
         settings: PassSettings = ctx.settings
         scaled = bucket_grad * row_coefficients(grad_values, active, settings.inv_temp)[:, None]
-        grad = torch.zeros_like(student)
         if ctx.with_tail:
-            _write_tail_grad(grad, student, tail, scaled[:, -1], settings)
+            grad = _tail_grad(ctx.kernels, student, tail, scaled[:, -1], settings)
+        else:
+            grad = torch.zeros_like(student)
         rows, cols = _owned_columns(ids, settings.shard)
         owned = settings.shard.owns(ids)
         grad[rows, cols] = scaled[:, : ids.shape[1]][owned].to(grad.dtype)
         return grad, None, None, None, None, None, None
+
+
+def _tail_grad(
+    kernels: ModuleType | None,
+    student: torch.Tensor,
+    tail: torch.Tensor,
+    tail_coef: torch.Tensor,
+    settings: PassSettings,
+) -> torch.Tensor:
+    """Gradient of the tail bucket alone: every valid id's share of it (top-k ids overwritten later)."""
+    if kernels is not None:
+        return kernels.tail_grad(student, tail, tail_coef, settings.shard, settings.inv_temp)
+    grad = torch.zeros_like(student)
+    _write_tail_grad(grad, student, tail, tail_coef, settings)
+    return grad
 
 
 def _write_tail_grad(
