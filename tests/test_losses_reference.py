@@ -44,6 +44,23 @@ class Case:
     inf_masked_row: bool = False
 
 
+TOP_DISTINCT = 80  # more than any k the tests use, so no top-k cut falls inside a tie
+
+
+def _bf16_teacher_without_ties_at_the_top(shape: tuple[int, ...], case: Case, gen) -> torch.Tensor:
+    """bf16 has too few values for a whole vocabulary of distinct logits (at 151936 columns ranks
+    spaced 0.08 reach 12000, where one bf16 ulp is 64: hundreds of ties at the top), and a top-k
+    cut inside a tie makes the loss depend on tie-breaking. So: moderate logits, then in every row
+    TOP_DISTINCT random valid columns set to 20, 20.5, ... (bf16 ulp <= 0.25 there): the top-k is
+    unique for every k <= TOP_DISTINCT."""
+    teacher = torch.randn(shape, generator=gen, dtype=torch.float64) * 3.0
+    valid = case.valid_vocab or case.vocab
+    top = min(TOP_DISTINCT, valid)
+    columns = torch.rand(*shape[:-1], valid, generator=gen).argsort(dim=-1)[..., :top]
+    planted = 20.0 + 0.5 * torch.arange(top, dtype=torch.float64)
+    return teacher.scatter_(-1, columns, planted.expand(columns.shape).contiguous())
+
+
 def make_inputs(case: Case) -> dict[str, torch.Tensor]:
     """Logits [seq, batch, vocab] (Megatron's layout), mask [seq, batch], per-sample weights [1, batch]."""
     gen = torch.Generator().manual_seed(case.seed)
@@ -52,9 +69,7 @@ def make_inputs(case: Case) -> dict[str, torch.Tensor]:
     # Teacher correlated with the student, like a related model: the KL stays moderate.
     teacher = 0.6 * student + torch.randn(shape, generator=gen, dtype=torch.float64) * case.scale
     if case.teacher_dtype == torch.bfloat16:
-        # Distinct bf16 values in every row (spacing 0.08 > 2 bf16 ulps): no ties at the top-k cut.
-        ranks = torch.argsort(torch.rand(shape, generator=gen), dim=-1).to(torch.float64)
-        teacher = ranks * 0.08 - 3.6
+        teacher = _bf16_teacher_without_ties_at_the_top(shape, case, gen)
     if case.neg_inf_columns:
         student[..., list(case.neg_inf_columns)] = float("-inf")
         teacher[..., list(case.neg_inf_columns)] = float("-inf")

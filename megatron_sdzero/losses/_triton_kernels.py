@@ -41,9 +41,10 @@ def _row_layout(row, row_stride, n_span, ALIGN: tl.constexpr, VEC: tl.constexpr,
     row_offset = row * row_stride
     if ALIGN:
         lead = row_offset % VEC
-    else:
+        base = tl.multiple_of(row_offset - lead, VEC)
+    else:  # no alignment promise: a misaligned vector load would read the wrong bytes
         lead = row_offset * 0
-    base = tl.multiple_of(row_offset - lead, VEC)
+        base = row_offset
     return base, lead, tl.cdiv(lead + n_span, BLOCK)
 
 

@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 
 from megatron_sdzero.losses._torch_kernels import NEG_BIG
+from megatron_sdzero.losses._triton_kernels import _block_ranges, _row_layout
 from megatron_sdzero.losses.parallel import VocabShard
 
 # Launch settings (columns per block, warps, software-pipelining stages). Not yet swept on a GPU:
@@ -55,31 +56,6 @@ _COLUMN_BITS = tl.constexpr(2**31 - 1)
 _LOW_BITS = tl.constexpr(2**32 - 1)
 _NO_KEY = tl.constexpr(-(2**63) + 1)  # below every key of a non-NaN value
 TAIL_WIDTH = 4  # teacher max, teacher sum of exp, student max, student sum of exp
-
-
-@triton.jit
-def _row_layout(row, row_stride, n_span, ALIGN: tl.constexpr, VEC: tl.constexpr, BLOCK: tl.constexpr):
-    """Row start rounded down to VEC elements (16 bytes) when ALIGN, the lead before the first
-    column, and the number of BLOCK-wide blocks covering lead + n_span columns."""
-    row_offset = row * row_stride
-    if ALIGN:
-        lead = row_offset % VEC
-        base = tl.multiple_of(row_offset - lead, VEC)
-    else:  # no alignment hint: row_stride need not be a multiple of VEC here
-        lead = row_offset * 0
-        base = row_offset
-    return base, lead, tl.cdiv(lead + n_span, BLOCK)
-
-
-@triton.jit
-def _block_ranges(lead, n_valid, n_blocks, BLOCK: tl.constexpr):
-    """Blocks [0, head_end) and [tail_begin, n_blocks) need masks; [body_begin, body_end) lie inside
-    columns [0, n_valid) and are read without one."""
-    body_begin = tl.cdiv(lead, BLOCK)
-    body_end = tl.maximum((lead + n_valid) // BLOCK, body_begin)
-    head_end = tl.minimum(body_begin, n_blocks)
-    tail_begin = tl.maximum(body_end, head_end)
-    return head_end, body_begin, body_end, tail_begin
 
 
 @triton.jit
