@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import json
 import os
 import statistics
@@ -222,6 +223,7 @@ def print_row(row: dict) -> None:
 
 def bench_kinds(tokens: int, vocab: int) -> list[dict]:
     """Every divergence kind (and the SFT cross-entropy) at one shape."""
+    gc.collect()  # the main table's logits live on in reference cycles until collected
     student, teacher, loss_mask = make_logits(tokens, vocab)
     labels = torch.randint(0, vocab, (tokens,), device="cuda")
     configs = {
