@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Build the one-pass cluster KL kernel, check it against float64, time it against the Triton kernel.
 
-    python3 tools/check_kl_cluster.py [--tokens 16384] [--vocab 151936] [--json OUT.json] [--verbose]
+    python3 tools/check_kl_cluster.py [--tokens 16384] [--vocab 151936 100278] [--json OUT.json] [--verbose]
+                                      [--no-checks] [--no-timings] [--prebuilt DIR]
 
 One GPU run answers three questions:
 1. Does it build? JIT-compiles csrc/kl_cluster.cu (``--verbose`` shows the compiler) and prints the
@@ -10,10 +11,15 @@ One GPU run answers three questions:
    rows), every kind (reverse, forward, mixed 0.3, cross-entropy), T = 1 and 0.7, with the gradient
    in a new buffer and in place: 512 bf16 rows (some masked, one of them all -inf, -inf columns,
    a block of rows with |x| ~ 1e4), 26 sampled rows against float64 (tolerances of
-   tests/test_losses_reference.py) and every row against the Triton fused kernel.
-3. Is it faster? Kernel time of the Triton fused kernel and of the one-pass kernel (clusters of 8
-   and 16, separate and in-place gradient) at --tokens x --vocab, against the memory-bandwidth floor
-   (6 bytes per logit, or 4 for cross-entropy, over the measured device copy bandwidth).
+   tests/test_losses_reference.py) and every row against the Triton fused kernel; the Triton
+   kernel's own float64 error is printed alongside, as a control.
+3. Is it faster? Kernel time of the Triton fused kernel and of the one-pass kernel (clusters
+   of 8 with one or two row buffers, separate and in-place gradient) at --tokens x each --vocab,
+   against the memory-bandwidth floor (6 bytes per logit, or 4 for cross-entropy, over the measured
+   device copy bandwidth).
+
+``--prebuilt DIR`` imports the extension built elsewhere (same torch and CUDA) from
+DIR/<extension name>/<extension name>.so instead of compiling it.
 
 Exit status 1 when the build fails or a check is out of tolerance.
 """
@@ -86,14 +92,28 @@ def environment() -> dict:
     }
 
 
-def build(verbose: bool) -> dict:
+def import_prebuilt(directory: str, name: str):
+    import importlib.util
+
+    path = Path(directory) / name / f"{name}.so"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def build(verbose: bool, prebuilt: str | None = None) -> dict:
     name = _cluster_kernel.extension_name()
     start = time.perf_counter()
     try:
-        _cluster_kernel.load_extension(verbose=verbose)
+        if prebuilt:
+            module = import_prebuilt(prebuilt, name)
+            _cluster_kernel.build_status = lambda: (module, None)
+        else:
+            _cluster_kernel.load_extension(verbose=verbose)
     except Exception as error:  # noqa: BLE001 - reported, then exit 1
         return {"ok": False, "seconds": time.perf_counter() - start, "name": name, "error": str(error)}
-    return {"ok": True, "seconds": time.perf_counter() - start, "name": name}
+    return {"ok": True, "seconds": time.perf_counter() - start, "name": name, "prebuilt": bool(prebuilt)}
 
 
 # ---------------------------------------------------------------- correctness
@@ -195,6 +215,8 @@ def check_case(inputs: dict, vocab: int, valid: int, name: str, inv_temp: float,
     result = {
         "value_err": value_errors(values[rows], ref_values),
         "grad_err": grad_errors(grad[rows], ref_grad),
+        "triton_value_err": value_errors(triton_values[rows], ref_values),
+        "triton_grad_err": grad_errors(triton_grad[rows], ref_grad),
         "in_place_ok": (grad.data_ptr() == student.data_ptr()) == in_place,
         "vs_triton_value_err": value_errors(values, triton_values.double()),
         "vs_triton_grad_max_abs_over_scale": (grad.float() - triton_grad.float()).abs().max().item()
@@ -227,7 +249,8 @@ def run_checks() -> list[dict]:
                     status = "ok  " if result["ok"] else "FAIL"
                     print(
                         f"  {status} {label}: value {result['value_err']:.3f} x tol,"
-                        f" grad {result['grad_err']:.3f} x tol; vs Triton: value"
+                        f" grad {result['grad_err']:.3f} x tol (Triton: {result['triton_value_err']:.3f},"
+                        f" {result['triton_grad_err']:.3f}); vs Triton: value"
                         f" {result['vs_triton_value_err']:.3f} x tol, grad max |diff| / max |grad|"
                         f" {result['vs_triton_grad_max_abs_over_scale']:.2e}",
                         flush=True,
@@ -248,7 +271,7 @@ def time_kernels(tokens: int, vocab: int) -> list[dict]:
     bandwidth = copy_bandwidth(tokens * vocab * 2)
     rows = []
     optin = torch.cuda.get_device_properties(0).shared_memory_per_block_optin
-    for name in ("reverse", "cross-entropy"):
+    for name in SPECS:
         spec = SPECS[name]
         teacher_arg, targets_arg = (None, targets) if spec.kind == "ce" else (teacher, None)
         floor_ms = (2 if spec.kind == "ce" else 3) * tokens * vocab * 2 / bandwidth * 1e3
@@ -258,14 +281,15 @@ def time_kernels(tokens: int, vocab: int) -> list[dict]:
                 student, t, *a
             )
         }
-        for cluster in (8, 16):
-            plan = _cluster_kernel.plan_cluster(vocab, spec.kind != "ce", cluster, optin)
-            if plan is None:
+        for cluster, buffers in ((8, 1), (8, 2)):
+            smem = _cluster_kernel.shared_bytes(vocab, 1 if spec.kind == "ce" else 2, cluster, buffers)
+            if smem > optin:
                 continue
-            variants[f"one-pass C={cluster} x{plan.buffers} buf"] = lambda t=teacher_arg, a=args, p=plan: (
+            plan = _cluster_kernel.Plan(cluster=cluster, buffers=buffers, smem_bytes=smem)
+            variants[f"one-pass C={cluster} x{buffers} buf"] = lambda t=teacher_arg, a=args, p=plan: (
                 _cluster_kernel.fused_loss_and_grad(student, t, *a, plan=p, strict=True)
             )
-            variants[f"one-pass C={cluster} x{plan.buffers} buf, in place"] = (
+            variants[f"one-pass C={cluster} x{buffers} buf, in place"] = (
                 lambda t=teacher_arg, a=args, p=plan: _cluster_kernel.fused_loss_and_grad(
                     student, t, *a, out=student, plan=p, strict=True
                 )
@@ -277,8 +301,11 @@ def time_kernels(tokens: int, vocab: int) -> list[dict]:
             ms = time_cuda(fn)
             extra_gib = (torch.cuda.max_memory_allocated() - before) / 1024**3
             rows.append(
-                {"kind": name, "variant": label, "ms": ms, "floor_ms": floor_ms, "extra_gib": extra_gib}
-            )
+                {
+                    "vocab": vocab, "kind": name, "variant": label, "ms": ms, "floor_ms": floor_ms,
+                    "extra_gib": extra_gib,
+                }
+            )  # fmt: skip
             print(
                 f"  {name:13s} {label:34s} {ms:8.3f} ms = {ms / floor_ms:5.2f}x floor ({floor_ms:.3f} ms at"
                 f" {bandwidth / 1e9:.0f} GB/s), memory above inputs {extra_gib:.2f} GiB",
@@ -292,16 +319,19 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--tokens", type=int, default=16384)
-    parser.add_argument("--vocab", type=int, default=151936)
+    parser.add_argument("--vocab", type=int, nargs="+", default=[151936, 100278])
     parser.add_argument("--json", help="write every result here")
     parser.add_argument("--verbose", action="store_true", help="show the compiler output")
+    parser.add_argument("--prebuilt", help="import the extension from this build directory")
+    parser.add_argument("--no-checks", action="store_true", help="skip the correctness checks")
+    parser.add_argument("--no-timings", action="store_true", help="skip the timings")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("check_kl_cluster.py needs a CUDA GPU")
     os.environ[_cluster_kernel.ONEPASS_ENV] = "1"
     report = {"environment": environment()}
     print(f"environment: {report['environment']}", flush=True)
-    report["build"] = build(args.verbose)
+    report["build"] = build(args.verbose, args.prebuilt)
     print(
         f"build: {'ok' if report['build']['ok'] else 'FAILED'} in {report['build']['seconds']:.1f} s"
         f" ({report['build']['name']})"
@@ -309,13 +339,17 @@ def main() -> None:
         flush=True,
     )
     ok = report["build"]["ok"]
-    if ok:
+    if ok and not args.no_checks:
         print("correctness (26 sampled rows vs float64; all 512 rows vs Triton):", flush=True)
         report["checks"] = run_checks()
         ok = all(result.get("ok") for result in report["checks"])
         print(f"correctness: {'all ok' if ok else 'FAILURES above'}", flush=True)
-        print(f"speed at {args.tokens} x {args.vocab} (bf16, kernel only):", flush=True)
-        report["timings"] = time_kernels(args.tokens, args.vocab)
+    if report["build"]["ok"] and not args.no_timings:
+        report["timings"] = []
+        for vocab in args.vocab:
+            print(f"speed at {args.tokens} x {vocab} (bf16, kernel only):", flush=True)
+            report["timings"] += time_kernels(args.tokens, vocab)
+            torch.cuda.empty_cache()
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2, default=str))
     sys.exit(0 if ok else 1)

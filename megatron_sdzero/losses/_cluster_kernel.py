@@ -9,14 +9,15 @@ memory; then each CTA writes its slice's gradient from shared memory. Same outpu
 ``_triton_kernels.fused_loss_and_grad`` (KL family and cross-entropy; JSD stays on Triton).
 
 Selection, for every call that would use the Triton fused kernel, by ``SDZERO_KL_ONEPASS``:
-``0`` (default) never uses it; ``auto`` and ``1`` use the cluster kernel when it qualifies (compute
-capability 9.x, bf16 or fp16 student and teacher of the same dtype, contiguous 16-byte aligned rows,
-a row that fits in the cluster's shared memory, the extension builds). It is off by default: on an
-H100 it is slower than the Triton fused kernel (10.8 vs 8.7 ms at 16384 x 151936) and one case
-(vocab 100278, T = 0.7) failed the float64 check (docs/benchmarks.md). When it does not qualify,
-the call falls back to the Triton fused kernel and logs why: once per reason with ``auto``, on
-every fallback with ``1``. ``SDZERO_KL_CLUSTER`` sets the cluster size (1-16, default 8; above 8
-is non-portable).
+``auto`` (default) and ``1`` use the cluster kernel when it qualifies (compute capability 9.x, bf16
+or fp16 student and teacher of the same dtype, contiguous 16-byte aligned rows, a row that fits in
+the cluster's shared memory, the extension builds); ``0`` never uses it. ``auto`` leaves the mixed
+reverse/forward KL (0 < forward_weight < 1) to the Triton kernel, which is faster there (H100,
+16384 x 151936: 9.2 vs 8.8 ms, x 100278: 6.5 vs 6.0 ms; whereas reverse KL takes 7.9 vs 8.8 ms and
+5.7 vs 6.0 ms, cross-entropy 4.8 vs 5.7 ms and 3.8 vs 4.0 ms); ``1`` takes it too. When it does
+not qualify, the call falls back to the Triton fused kernel and logs why: once per reason with
+``auto``, on every fallback with ``1`` (the mixed-KL choice is not logged). ``SDZERO_KL_CLUSTER``
+sets the cluster size (1-16, default 8; above 8 is non-portable).
 
 The extension is compiled on first use with ``torch.utils.cpp_extension.load`` (nvcc, ninja) into
 ``$TORCH_EXTENSIONS_DIR/<name>`` when that is set, else ``~/.cache/megatron_sdzero/torch_extensions``;
@@ -52,15 +53,18 @@ MAX_CLUSTER = 16
 # 16-byte chunks, plus 2 partial slots and 16 warp partials of 32 bytes.
 _CHUNK_ELEMENTS = 8
 _RESERVED_BYTES = (2 + 16) * 32
+_CTA_SYSTEM_BYTES = 1024  # shared memory the driver keeps per resident CTA (compute capability 9.x)
+H100_SMEM_PER_SM = 233472  # cudaDevAttrMaxSharedMemoryPerMultiprocessor on H100 / H200 (228 KB)
 _CSRC = Path(__file__).parent / "csrc"
 _SOURCES = ("kl_cluster.cpp", "kl_cluster.cu")
 _CUDA_FLAGS = ("-O3", "-std=c++17", "-gencode=arch=compute_90,code=sm_90")
 
 FusedKernel = Callable[..., tuple[torch.Tensor, torch.Tensor]]
+MIXED_KL_REASON = f"the mixed reverse/forward KL stays on Triton with {ONEPASS_ENV}=auto (faster there)"
 
 
 def onepass_mode() -> str:
-    mode = os.environ.get(ONEPASS_ENV, "0").strip().lower()
+    mode = os.environ.get(ONEPASS_ENV, "auto").strip().lower()
     if mode not in MODES:
         raise ValueError(f"{ONEPASS_ENV} must be one of {MODES}, got {mode!r}")
     return mode
@@ -88,14 +92,25 @@ def shared_bytes(width: int, n_tensors: int, cluster: int, buffers: int) -> int:
     return buffers * n_tensors * chunks_per_cta * 16 + _RESERVED_BYTES
 
 
-def plan_cluster(width: int, has_teacher: bool, cluster: int, smem_optin: int) -> Plan | None:
-    """Two buffers when they fit in a CTA's opt-in shared memory, else one; None when one does not."""
+def plan_cluster(
+    width: int, has_teacher: bool, cluster: int, smem_optin: int, smem_per_sm: int = H100_SMEM_PER_SM
+) -> Plan | None:
+    """The most row buffers (2 or 1) with which two CTAs share an SM; else the most that fit in one
+    CTA's opt-in shared memory; None when one buffer does not fit.
+
+    Two CTAs per SM beat a second buffer (H100, 16384 x 151936 reverse KL: 7.9 ms with one buffer and
+    two CTAs per SM, 8.5 ms with two buffers and one CTA): the kernel is latency bound, and while one
+    CTA waits at its cluster barrier or for its row, the other computes."""
     n_tensors = 2 if has_teacher else 1
-    for buffers in (2, 1):
-        needed = shared_bytes(width, n_tensors, cluster, buffers)
-        if needed <= smem_optin:
-            return Plan(cluster=cluster, buffers=buffers, smem_bytes=needed)
-    return None
+    plans = [
+        Plan(cluster=cluster, buffers=buffers, smem_bytes=shared_bytes(width, n_tensors, cluster, buffers))
+        for buffers in (2, 1)
+    ]
+    plans = [plan for plan in plans if plan.smem_bytes <= smem_optin]
+    for plan in plans:
+        if 2 * (plan.smem_bytes + _CTA_SYSTEM_BYTES) <= smem_per_sm:
+            return plan
+    return plans[0] if plans else None
 
 
 def max_width(has_teacher: bool, cluster: int, smem_optin: int) -> int:
@@ -118,6 +133,8 @@ class Request:
     aligned: bool
     smem_optin: int
     cluster: int
+    smem_per_sm: int = H100_SMEM_PER_SM
+    mixed_kl: bool = False  # 0 < forward_weight < 1
 
     @property
     def has_teacher(self) -> bool:
@@ -128,6 +145,8 @@ def fallback_reason(request: Request, build_error: str | None = None) -> str | N
     """Why the one-pass kernel cannot take this call, or None when it can."""
     if request.mode == "0":
         return f"disabled by {ONEPASS_ENV}=0"
+    if request.mode == "auto" and request.mixed_kl:
+        return MIXED_KL_REASON
     if request.capability is None or request.capability[0] != 9:
         return f"needs a compute capability 9.x (Hopper) GPU, got {request.capability}"
     if request.student_dtype not in (torch.bfloat16, torch.float16):
@@ -152,16 +171,22 @@ def fallback_reason(request: Request, build_error: str | None = None) -> str | N
 
 
 @functools.cache
-def _device_limits(index: int) -> tuple[tuple[int, int], int]:
+def _device_limits(index: int) -> tuple[tuple[int, int], int, int]:
     properties = torch.cuda.get_device_properties(index)
-    return (properties.major, properties.minor), properties.shared_memory_per_block_optin
+    return (
+        (properties.major, properties.minor),
+        properties.shared_memory_per_block_optin,
+        properties.shared_memory_per_multiprocessor,
+    )
 
 
-def make_request(student: torch.Tensor, teacher: torch.Tensor | None) -> Request:
+def make_request(
+    student: torch.Tensor, teacher: torch.Tensor | None, spec: GradSpec | None = None
+) -> Request:
     tensors = [student] if teacher is None else [student, teacher]
-    capability, smem_optin = (None, 0)
+    capability, smem_optin, smem_per_sm = (None, 0, 0)
     if student.is_cuda:
-        capability, smem_optin = _device_limits(student.device.index)
+        capability, smem_optin, smem_per_sm = _device_limits(student.device.index)
     return Request(
         mode=onepass_mode(),
         capability=capability,
@@ -172,6 +197,8 @@ def make_request(student: torch.Tensor, teacher: torch.Tensor | None) -> Request
         aligned=all(t.data_ptr() % 16 == 0 for t in tensors),
         smem_optin=smem_optin,
         cluster=cluster_size(),
+        smem_per_sm=smem_per_sm,
+        mixed_kl=spec is not None and spec.kind == "kl" and 0.0 < spec.forward_weight < 1.0,
     )
 
 
@@ -250,31 +277,35 @@ _launch_failures: dict[Plan, str] = {}  # plans whose launch the device refused,
 
 
 def _report_fallback(reason: str, mode: str) -> None:
-    if mode == "0" or (mode == "auto" and reason in _reported):
+    if mode == "0" or reason == MIXED_KL_REASON or (mode == "auto" and reason in _reported):
         return
     _reported.add(reason)
     logger.warning("one-pass cluster KL kernel not used (%s); using the Triton fused kernel", reason)
 
 
-def onepass_plan(student: torch.Tensor, teacher: torch.Tensor | None) -> tuple[Plan | None, str | None]:
+def onepass_plan(
+    student: torch.Tensor, teacher: torch.Tensor | None, spec: GradSpec | None = None
+) -> tuple[Plan | None, str | None]:
     """(plan, None) when the cluster kernel takes this call, else (None, reason). Builds on first use."""
-    request = make_request(student, teacher)
+    request = make_request(student, teacher, spec)
     reason = fallback_reason(request)
     if reason is None:
         reason = fallback_reason(request, build_status()[1])
     if reason is not None:
         return None, reason
-    plan = plan_cluster(request.width, request.has_teacher, request.cluster, request.smem_optin)
+    plan = plan_cluster(
+        request.width, request.has_teacher, request.cluster, request.smem_optin, request.smem_per_sm
+    )
     if plan in _launch_failures:
         return None, _launch_failures[plan]
     return plan, None
 
 
 def select_fused_kernel(
-    kernels: ModuleType, student: torch.Tensor, teacher: torch.Tensor | None
+    kernels: ModuleType, student: torch.Tensor, teacher: torch.Tensor | None, spec: GradSpec | None = None
 ) -> FusedKernel:
     """The cluster kernel when it takes this call, else ``kernels.fused_loss_and_grad`` (logged)."""
-    plan, reason = onepass_plan(student, teacher)
+    plan, reason = onepass_plan(student, teacher, spec)
     if plan is None:
         _report_fallback(reason, onepass_mode())
         return kernels.fused_loss_and_grad

@@ -201,7 +201,7 @@ class FullVocabLoss(torch.autograd.Function):
         local_cols = None if labels is None else label_columns(labels, active, settings.shard)
         out = _in_place_target(student, grad_in_place, needs_grad)
         if _uses_fused_kernel(settings, spec, needs_grad):
-            fused = select_fused_kernel(settings.kernels, student, teacher)
+            fused = select_fused_kernel(settings.kernels, student, teacher, spec)
             values, grad = fused(
                 student, teacher, grad_coef, local_cols, settings.shard, settings.inv_temp, spec, out=out
             )

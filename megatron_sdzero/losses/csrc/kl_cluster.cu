@@ -55,9 +55,11 @@ constexpr int kWarps = kThreads / 32;
 // stores logits, so the release fence it issues before the cluster barrier has no cp.async or
 // gradient store in flight to wait for; warps 1.. do the per-chunk work.
 constexpr int kWorkers = kThreads - 32;
+// Two CTAs per SM where their shared memory fits (one row buffer of a 151936-wide row, or two of a
+// 100278-wide one): while one waits at its cluster barrier the other computes. Caps registers at 64.
+constexpr int kMinBlocks = 2;
 constexpr int kVec = 8;           // elements per 16-byte chunk (16-bit logits)
 constexpr float kNegBig = -1.0e38f;  // finite stand-in for -inf as a running maximum (NEG_BIG)
-constexpr float kLog2e = 1.4426950408889634f;
 constexpr int kMaxCluster = 16;
 
 static_assert(kThreads % 32 == 0 && kWarps <= 32, "one warp must be able to reduce the warp partials");
@@ -65,14 +67,15 @@ static_assert(kThreads % 32 == 0 && kWarps <= 32, "one warp must be able to redu
 __host__ __device__ inline float neg_inf() { return -__builtin_huge_valf(); }
 __host__ __device__ inline float pos_inf() { return __builtin_huge_valf(); }
 
-// exp(x) as Triton's tl.exp computes it on the GPU: ex2.approx of x * log2(e).
-__host__ __device__ inline float fast_exp(float x) {
+// 2^x with the hardware's ex2.approx.ftz (what Triton's tl.exp lowers to, after scaling by log2(e));
+// results below 2^-126 flush to zero, which no sum or probability here can tell apart from zero.
+__host__ __device__ inline float exp2_fast(float x) {
 #if defined(__CUDA_ARCH__)
   float y;
-  asm("ex2.approx.f32 %0, %1;" : "=f"(y) : "f"(x * kLog2e));
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
   return y;
 #else
-  return std::exp(x);
+  return std::exp2(x);
 #endif
 }
 
@@ -127,10 +130,26 @@ __host__ __device__ inline int chunk_read_bytes(int col0, int n_valid) {
   return std::min(std::max(bytes, 0), 2 * kVec);
 }
 
+// ---------------------------------------------------------------- loss kinds
+
+// Which terms a launch computes: the statistics and the gradient skip what the kind does not use.
+enum Mode : int { kReverse = 0, kForward = 1, kMixed = 2, kCrossEntropy = 3 };
+
+template <int MODE>
+struct Traits {
+  static constexpr bool kCE = MODE == kCrossEntropy;
+  static constexpr bool kHasT = !kCE;
+  static constexpr bool kRev = MODE == kReverse || MODE == kMixed;
+  static constexpr bool kFwd = MODE == kForward || MODE == kMixed;
+};
+
 // ---------------------------------------------------------------- statistics
 
-// Statistics of a set of columns, relative to its own maxima (see full_vocab.py):
-// sum_s = sum exp(s - max_s), cross_rev = sum exp(s - max_s) ((s - max_s) - (t - max_t)), etc.
+// Statistics of a set of columns in the logits' own units (before 1/T), relative to the set's maxima:
+// sum_s = sum exp((s - max_s) / T), cross_rev = sum exp((s - max_s) / T) ((s - max_s) - (t - max_t)),
+// cross_fwd likewise with the roles swapped (see full_vocab.py). 1/T is applied to differences only
+// (`k2` = log2(e) / T scales exponents), never to the logits: differences of 16-bit logits are exact in
+// float32, so for a one-hot row the gradient's (s - t) - E_p[s - t] cancels exactly whatever T is.
 // `label` carries the cross-entropy target's logit (max-combined, -inf where absent).
 struct alignas(16) Partial {
   float max_s, sum_s, max_t, sum_t, cross_rev, cross_fwd, label, unused;
@@ -150,76 +169,96 @@ __host__ __device__ inline Partial empty_partial() {
 }
 
 // Statistics of the union of two disjoint column sets: rescale both to the larger maxima.
-__host__ __device__ inline Partial combine(const Partial& a, const Partial& b) {
-  Partial r;
+template <int MODE>
+__host__ __device__ inline Partial combine(const Partial& a, const Partial& b, float k2) {
+  using K = Traits<MODE>;
+  Partial r = empty_partial();
   r.max_s = fmaxf(a.max_s, b.max_s);
-  r.max_t = fmaxf(a.max_t, b.max_t);
   const float gap_sa = a.max_s - r.max_s, gap_sb = b.max_s - r.max_s;
-  const float gap_ta = a.max_t - r.max_t, gap_tb = b.max_t - r.max_t;
-  const float scale_sa = fast_exp(gap_sa), scale_sb = fast_exp(gap_sb);
-  const float scale_ta = fast_exp(gap_ta), scale_tb = fast_exp(gap_tb);
-  const float shift_a = gap_sa - gap_ta, shift_b = gap_sb - gap_tb;
+  const float scale_sa = exp2_fast(gap_sa * k2), scale_sb = exp2_fast(gap_sb * k2);
   r.sum_s = scale_sa * a.sum_s + scale_sb * b.sum_s;
-  r.sum_t = scale_ta * a.sum_t + scale_tb * b.sum_t;
-  r.cross_rev = scale_sa * (a.cross_rev + a.sum_s * shift_a) + scale_sb * (b.cross_rev + b.sum_s * shift_b);
-  r.cross_fwd = scale_ta * (a.cross_fwd - a.sum_t * shift_a) + scale_tb * (b.cross_fwd - b.sum_t * shift_b);
   r.label = fmaxf(a.label, b.label);
-  r.unused = 0.f;
+  if (!K::kHasT) return r;
+  r.max_t = fmaxf(a.max_t, b.max_t);
+  const float gap_ta = a.max_t - r.max_t, gap_tb = b.max_t - r.max_t;
+  const float scale_ta = exp2_fast(gap_ta * k2), scale_tb = exp2_fast(gap_tb * k2);
+  const float shift_a = gap_sa - gap_ta, shift_b = gap_sb - gap_tb;
+  r.sum_t = scale_ta * a.sum_t + scale_tb * b.sum_t;
+  if (K::kRev) {
+    r.cross_rev = scale_sa * (a.cross_rev + a.sum_s * shift_a) + scale_sb * (b.cross_rev + b.sum_s * shift_b);
+  }
+  if (K::kFwd) {
+    r.cross_fwd = scale_ta * (a.cross_fwd - a.sum_t * shift_a) + scale_tb * (b.cross_fwd - b.sum_t * shift_b);
+  }
   return r;
 }
 
+// Pairwise: a dependent chain 3 additions deep rather than 8. Cross-entropy only (its chunks have no
+// other chain to overlap it with): 5% faster at 100278 columns on an H100; the KL kinds gain nothing.
+__host__ __device__ inline float tree_sum(const float (&x)[kVec]) {
+  return ((x[0] + x[1]) + (x[2] + x[3])) + ((x[4] + x[5]) + (x[6] + x[7]));
+}
+
+__host__ __device__ inline float tree_max(const float (&x)[kVec]) {
+  return fmaxf(fmaxf(fmaxf(x[0], x[1]), fmaxf(x[2], x[3])), fmaxf(fmaxf(x[4], x[5]), fmaxf(x[6], x[7])));
+}
+
 // One chunk of the online softmax (the scalar form of _online_update in _triton_kernels.py).
-template <bool HAS_T>
-__host__ __device__ inline void accumulate_chunk(Partial& p, const float (&s)[kVec], const float (&t)[kVec]) {
-  float chunk_max_s = s[0], chunk_max_t = t[0];
-#pragma unroll
-  for (int i = 1; i < kVec; ++i) {
-    chunk_max_s = fmaxf(chunk_max_s, s[i]);
-    if (HAS_T) chunk_max_t = fmaxf(chunk_max_t, t[i]);
-  }
-  const float max_s = fmaxf(p.max_s, chunk_max_s);
-  const float max_t = HAS_T ? fmaxf(p.max_t, chunk_max_t) : p.max_t;
+template <int MODE>
+__host__ __device__ inline void accumulate_chunk(Partial& p, const float (&s)[kVec], const float (&t)[kVec],
+                                                 float k2) {
+  using K = Traits<MODE>;
+  const float max_s = fmaxf(p.max_s, tree_max(s));
+  const float max_t = K::kHasT ? fmaxf(p.max_t, tree_max(t)) : p.max_t;
   if (max_s > p.max_s || max_t > p.max_t) {
     const float gap_s = p.max_s - max_s, gap_t = p.max_t - max_t;
-    const float scale_s = fast_exp(gap_s), scale_t = fast_exp(gap_t);
+    const float scale_s = exp2_fast(gap_s * k2), scale_t = exp2_fast(gap_t * k2);
     const float shift = gap_s - gap_t;  // cross terms are relative to both maxima
-    p.cross_rev = scale_s * (p.cross_rev + p.sum_s * shift);
-    p.cross_fwd = scale_t * (p.cross_fwd - p.sum_t * shift);
+    if (K::kRev) p.cross_rev = scale_s * (p.cross_rev + p.sum_s * shift);
+    if (K::kFwd) p.cross_fwd = scale_t * (p.cross_fwd - p.sum_t * shift);
     p.sum_s *= scale_s;
     p.sum_t *= scale_t;
     p.max_s = max_s;
     p.max_t = max_t;
   }
+  if (K::kCE) {
+    float es[kVec];
+#pragma unroll
+    for (int i = 0; i < kVec; ++i) es[i] = exp2_fast((s[i] - p.max_s) * k2);
+    p.sum_s += tree_sum(es);
+    return;
+  }
 #pragma unroll
   for (int i = 0; i < kVec; ++i) {
-    const float ds = s[i] - p.max_s;
-    const float es = fast_exp(ds);
+    const float ds = s[i] - p.max_s, dt = t[i] - p.max_t;
+    const float es = exp2_fast(ds * k2), et = exp2_fast(dt * k2);
     p.sum_s += es;
-    if (HAS_T) {
-      const float dt = t[i] - p.max_t;
-      const float et = fast_exp(dt);
-      p.sum_t += et;
-      p.cross_rev += es > 0.f ? es * (ds - dt) : 0.f;
-      p.cross_fwd += et > 0.f ? et * (dt - ds) : 0.f;
-    }
+    p.sum_t += et;
+    if (K::kRev) p.cross_rev += es > 0.f ? es * (ds - dt) : 0.f;
+    if (K::kFwd) p.cross_fwd += et > 0.f ? et * (dt - ds) : 0.f;
   }
 }
 
 // ---------------------------------------------------------------- chunks in shared memory
 
-// 8 logits of a 16-byte aligned chunk, as float32 times 1/T.
+// The 8 logits of a 16-byte aligned chunk, as stored (one 16-byte shared-memory load). Prefetching
+// the next chunk's before computing this one made the KL kinds 7-17% slower on an H100.
 template <typename T>
-__host__ __device__ inline void load_chunk(const T* src, float inv_temp, float (&out)[kVec]) {
-  static_assert(sizeof(T) == 2, "16-bit logits");
+struct alignas(16) RawChunk {
   T v[kVec];
+};
+
+template <typename T>
+__host__ __device__ inline RawChunk<T> load_raw(const T* src) {
+  static_assert(sizeof(T) == 2, "16-bit logits");
+  RawChunk<T> r;
 #if defined(__CUDA_ARCH__)
   const uint4 raw = *reinterpret_cast<const uint4*>(src);
-  memcpy(v, &raw, sizeof(raw));
+  memcpy(&r, &raw, sizeof(raw));
 #else
-  memcpy(v, src, sizeof(v));
+  memcpy(&r, src, sizeof(r));
 #endif
-#pragma unroll
-  for (int i = 0; i < kVec; ++i) out[i] = to_float(v[i]) * inv_temp;
+  return r;
 }
 
 // Columns outside [0, n_valid) (previous row, vocabulary padding, past the row) become -inf.
@@ -232,6 +271,24 @@ __host__ __device__ inline void mask_columns(float (&x)[kVec], int col0, int n_v
 }
 
 __host__ __device__ inline bool chunk_inside(int col0, int n) { return col0 >= 0 && col0 + kVec <= n; }
+
+// A chunk as float32, columns outside [0, n_valid) masked.
+template <typename T>
+__host__ __device__ inline void to_floats(const RawChunk<T>& raw, int col0, int n_valid, float (&out)[kVec]) {
+#pragma unroll
+  for (int i = 0; i < kVec; ++i) out[i] = to_float(raw.v[i]);
+  if (!chunk_inside(col0, n_valid)) mask_columns(out, col0, n_valid);
+}
+
+// The cross-entropy target's logit when it falls in this chunk.
+__host__ __device__ inline void take_label(float& label, const float (&s)[kVec], int col0, int64_t target) {
+  const int64_t at = target - col0;
+  if (at < 0 || at >= kVec) return;
+#pragma unroll
+  for (int i = 0; i < kVec; ++i) {
+    if (i == at) label = s[i];
+  }
+}
 
 // Gradient chunk `chunk` of a row whose aligned origin is `origin`: one 16-byte store when the chunk
 // lies inside the row, else only the columns in [0, cols).
@@ -262,99 +319,124 @@ __host__ __device__ inline void store_chunk(T* origin, int64_t chunk, const floa
 
 struct LossWeights {
   float w_rev, w_fwd;  // (1 - forward_weight), forward_weight
-  bool has_rev, has_fwd;
+};
+
+struct Scale {
+  float inv_temp;
+  float k2;  // log2(e) / T: exp(x / T) = exp2(x * k2)
 };
 
 struct RowStats {
-  float max_s, log_sum_s, max_t, log_sum_t, reverse, forward, label;
+  float max_s, max_t;
+  float log2_sum_s, log2_sum_t;  // exponent offsets of p and q
+  float log_sum_s, reverse, forward, label;
+  float mean_gap;  // E_p[(s - max_s) - (t - max_t)] = cross_rev / sum_s, in the logits' units
 };
 
-__host__ __device__ inline RowStats finish_row(const Partial& p) {
+template <int MODE>
+__host__ __device__ inline RowStats finish_row(const Partial& p, const Scale& sc) {
   RowStats r;
   r.max_s = p.max_s;
-  r.log_sum_s = logf(p.sum_s);
   r.max_t = p.max_t;
-  r.log_sum_t = logf(p.sum_t);
-  const float gap = r.log_sum_s - r.log_sum_t;
-  r.reverse = p.cross_rev / p.sum_s - gap;
-  r.forward = p.cross_fwd / p.sum_t + gap;
+  r.log_sum_s = logf(p.sum_s);
+  r.log2_sum_s = log2f(p.sum_s);
   r.label = p.label;
+  r.reverse = r.forward = r.mean_gap = r.log2_sum_t = 0.f;
+  if (!Traits<MODE>::kHasT) return r;
+  const float log_sum_t = logf(p.sum_t);
+  r.log2_sum_t = log2f(p.sum_t);
+  const float gap = r.log_sum_s - log_sum_t;
+  r.mean_gap = p.cross_rev / p.sum_s;
+  r.reverse = sc.inv_temp * r.mean_gap - gap;
+  r.forward = sc.inv_temp * (p.cross_fwd / p.sum_t) + gap;
   return r;
 }
 
-template <bool IS_CE>
-__host__ __device__ inline float row_value(const RowStats& r, int64_t target, const LossWeights& w) {
-  if (IS_CE) return target >= 0 ? r.log_sum_s - (r.label - r.max_s) : pos_inf();
-  if (w.has_rev && w.has_fwd) return w.w_rev * r.reverse + w.w_fwd * r.forward;
-  return w.has_fwd ? r.forward : r.reverse;
+template <int MODE>
+__host__ __device__ inline float row_value(const RowStats& r, int64_t target, const LossWeights& w,
+                                           const Scale& sc) {
+  if (MODE == kCrossEntropy) return target >= 0 ? r.log_sum_s - sc.inv_temp * (r.label - r.max_s) : pos_inf();
+  if (MODE == kMixed) return w.w_rev * r.reverse + w.w_fwd * r.forward;
+  return MODE == kForward ? r.forward : r.reverse;
 }
 
 // Statistics of this thread's chunks: c = tid, tid + nthreads, ... of the rank's slice.
-template <typename T, bool HAS_T, bool IS_CE>
+template <typename T, int MODE>
 __host__ __device__ inline Partial thread_stats(const T* s_buf, const T* t_buf, const RowLayout& layout,
-                                                int n_valid, float inv_temp, int64_t target, int tid,
-                                                int nthreads) {
+                                                int n_valid, float k2, int64_t target, int tid, int nthreads) {
+  using K = Traits<MODE>;
   Partial p = empty_partial();
   for (int c = tid; c < layout.my_chunks; c += nthreads) {
     const int col0 = (layout.first_chunk + c) * kVec - layout.lead;
     float s[kVec], t[kVec];
-    load_chunk(s_buf + static_cast<int64_t>(c) * kVec, inv_temp, s);
-    if (HAS_T) load_chunk(t_buf + static_cast<int64_t>(c) * kVec, inv_temp, t);
-    if (!chunk_inside(col0, n_valid)) {
-      mask_columns(s, col0, n_valid);
-      if (HAS_T) mask_columns(t, col0, n_valid);
-    }
-    if (IS_CE) {
-#pragma unroll
-      for (int i = 0; i < kVec; ++i) {
-        if (col0 + i == target) p.label = s[i];
-      }
-    }
-    accumulate_chunk<HAS_T>(p, s, HAS_T ? t : s);
+    to_floats(load_raw(s_buf + static_cast<int64_t>(c) * kVec), col0, n_valid, s);
+    if (K::kHasT) to_floats(load_raw(t_buf + static_cast<int64_t>(c) * kVec), col0, n_valid, t);
+    if (K::kCE) take_label(p.label, s, col0, target);
+    accumulate_chunk<MODE>(p, s, K::kHasT ? t : s, k2);
   }
   return p;
 }
 
-// coef * d value / d (s / T) for 8 columns (the 1/T factor is part of coef).
-template <bool IS_CE>
+// Per-row factors of the gradient: coef * d value / d (s / T) = p * a_rev * (gap - mean_gap)
+// + a_fwd * (p - q), or a_ce * (p - onehot), where gap = (s - max_s) - (t - max_t).
+struct GradCoef {
+  float a_rev, a_fwd, a_ce;
+};
+
+__host__ __device__ inline GradCoef grad_coef(const LossWeights& w, const Scale& sc, float coef) {
+  GradCoef g;
+  g.a_rev = w.w_rev * sc.inv_temp * coef;
+  g.a_fwd = w.w_fwd * coef;
+  g.a_ce = coef;
+  return g;
+}
+
+template <int MODE>
 __host__ __device__ inline void chunk_grad(const float (&s)[kVec], const float (&t)[kVec], int col0,
-                                           const RowStats& r, const LossWeights& w, int64_t target, float coef,
+                                           const RowStats& r, const GradCoef& a, float k2, int64_t target,
                                            float (&g)[kVec]) {
+  using K = Traits<MODE>;
+  if (K::kCE) {
+    float p[kVec];
+#pragma unroll
+    for (int i = 0; i < kVec; ++i) {
+      p[i] = exp2_fast((s[i] - r.max_s) * k2 - r.log2_sum_s);
+      g[i] = a.a_ce * p[i];
+    }
+    const int64_t at = target - col0;
+    if (at >= 0 && at < kVec) {
+#pragma unroll
+      for (int i = 0; i < kVec; ++i) {
+        if (i == at) g[i] = a.a_ce * (p[i] - 1.f);
+      }
+    }
+    return;
+  }
 #pragma unroll
   for (int i = 0; i < kVec; ++i) {
-    const float lp = (s[i] - r.max_s) - r.log_sum_s;
-    const float p = fast_exp(lp);
-    float grad;
-    if (IS_CE) {
-      grad = p - (col0 + i == target ? 1.f : 0.f);
-    } else {
-      const float lq = (t[i] - r.max_t) - r.log_sum_t;
-      grad = 0.f;
-      if (w.has_rev) grad += w.w_rev * (p > 0.f ? p * ((lp - lq) - r.reverse) : 0.f);
-      if (w.has_fwd) grad += w.w_fwd * (p - fast_exp(lq));
-    }
-    g[i] = grad * coef;
+    const float ds = s[i] - r.max_s;
+    const float p = exp2_fast(ds * k2 - r.log2_sum_s);
+    const float dt = t[i] - r.max_t;
+    float grad = 0.f;
+    if (K::kRev) grad = p > 0.f ? a.a_rev * (p * ((ds - dt) - r.mean_gap)) : 0.f;
+    if (K::kFwd) grad += a.a_fwd * (p - exp2_fast(dt * k2 - r.log2_sum_t));
+    g[i] = grad;
   }
 }
 
-template <typename T, bool HAS_T, bool IS_CE>
+template <typename T, int MODE>
 __host__ __device__ inline void thread_grad(const T* s_buf, const T* t_buf, T* grad_origin, const RowLayout& layout,
-                                            int cols, int n_valid, float inv_temp, const RowStats& r,
-                                            const LossWeights& w, int64_t target, float coef, int tid,
-                                            int nthreads) {
+                                            int cols, int n_valid, float k2, const RowStats& r, const GradCoef& a,
+                                            int64_t target, int tid, int nthreads) {
+  using K = Traits<MODE>;
   for (int c = tid; c < layout.my_chunks; c += nthreads) {
     const int64_t chunk = layout.first_chunk + c;
     const int col0 = static_cast<int>(chunk) * kVec - layout.lead;
     float s[kVec], t[kVec], g[kVec];
-    load_chunk(s_buf + static_cast<int64_t>(c) * kVec, inv_temp, s);
-    if (HAS_T) load_chunk(t_buf + static_cast<int64_t>(c) * kVec, inv_temp, t);
-    const bool inside = chunk_inside(col0, n_valid);
-    if (!inside) {
-      mask_columns(s, col0, n_valid);
-      if (HAS_T) mask_columns(t, col0, n_valid);
-    }
-    chunk_grad<IS_CE>(s, HAS_T ? t : s, col0, r, w, target, coef, g);
-    if (!inside) {
+    to_floats(load_raw(s_buf + static_cast<int64_t>(c) * kVec), col0, n_valid, s);
+    if (K::kHasT) to_floats(load_raw(t_buf + static_cast<int64_t>(c) * kVec), col0, n_valid, t);
+    chunk_grad<MODE>(s, K::kHasT ? t : s, col0, r, a, k2, target, g);
+    if (!chunk_inside(col0, n_valid)) {
 #pragma unroll
       for (int i = 0; i < kVec; ++i) {
         if (col0 + i < 0 || col0 + i >= n_valid) g[i] = 0.f;
@@ -389,7 +471,7 @@ struct KernelArgs {
   int cols;
   int n_valid;
   int chunks_per_cta;
-  float inv_temp;
+  Scale scale;
   LossWeights weights;
 };
 
@@ -432,20 +514,22 @@ __device__ __forceinline__ Partial shfl_lane0(const Partial& p) {
   return r;
 }
 
-__device__ __forceinline__ Partial warp_reduce(Partial p) {
+template <int MODE>
+__device__ __forceinline__ Partial warp_reduce(Partial p, float k2) {
 #pragma unroll
-  for (int mask = 16; mask > 0; mask >>= 1) p = combine(p, shfl_xor(p, mask));
+  for (int mask = 16; mask > 0; mask >>= 1) p = combine<MODE>(p, shfl_xor(p, mask), k2);
   return p;
 }
 
 // The CTA's statistics, valid in thread 0. Every thread must call it.
-__device__ __forceinline__ Partial block_reduce(const Partial& mine, Partial* scratch) {
+template <int MODE>
+__device__ __forceinline__ Partial block_reduce(const Partial& mine, Partial* scratch, float k2) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const Partial in_warp = warp_reduce(mine);
+  const Partial in_warp = warp_reduce<MODE>(mine, k2);
   if (lane == 0) scratch[warp] = in_warp;
   __syncthreads();
   Partial total = empty_partial();
-  if (warp == 0) total = warp_reduce(lane < kWarps ? scratch[lane] : empty_partial());
+  if (warp == 0) total = warp_reduce<MODE>(lane < kWarps ? scratch[lane] : empty_partial(), k2);
   return total;
 }
 
@@ -463,11 +547,12 @@ __device__ __forceinline__ void publish_and_sync(Partial* slot, const Partial& b
 
 // The row's statistics from every rank's slot, read through distributed shared memory; every warp
 // computes them in the same order and broadcasts lane 0's result.
-__device__ __forceinline__ Partial cluster_reduce(Partial* slot, int n_ranks) {
+template <int MODE>
+__device__ __forceinline__ Partial cluster_reduce(Partial* slot, int n_ranks, float k2) {
   const int lane = threadIdx.x % 32;
   Partial p = empty_partial();
   if (lane < n_ranks) p = *cg::this_cluster().map_shared_rank(slot, lane);
-  return shfl_lane0(warp_reduce(p));
+  return shfl_lane0(warp_reduce<MODE>(p, k2));
 }
 
 template <typename T, bool HAS_T>
@@ -487,27 +572,27 @@ __device__ __forceinline__ void issue_row_loads(const KernelArgs<T>& a, int64_t 
   }
 }
 
-template <typename T, bool IS_CE, int NBUF>
+template <typename T, int MODE, int NBUF>
 __device__ __forceinline__ void process_active_row(const KernelArgs<T>& a, int64_t row, int rank, int n_ranks,
                                                    const T* s_buf, const T* t_buf, Partial* slot,
                                                    Partial* scratch, float coef, int64_t target) {
-  constexpr bool HAS_T = !IS_CE;
+  const float k2 = a.scale.k2;
   cp_async_wait<NBUF - 1>();  // this row's copies (all but the NBUF - 1 most recent groups)
   __syncthreads();
   const RowLayout layout = row_layout(row, a.row_stride, a.cols, rank, a.chunks_per_cta);
   const int worker = static_cast<int>(threadIdx.x) - 32;  // warp 0: no chunks, an empty partial
-  const Partial mine = worker < 0 ? empty_partial()
-                                  : thread_stats<T, HAS_T, IS_CE>(s_buf, t_buf, layout, a.n_valid, a.inv_temp,
-                                                                  target, worker, kWorkers);
-  publish_and_sync(slot, block_reduce(mine, scratch));
-  const RowStats stats = finish_row(cluster_reduce(slot, n_ranks));
+  const Partial mine =
+      worker < 0 ? empty_partial()
+                 : thread_stats<T, MODE>(s_buf, t_buf, layout, a.n_valid, k2, target, worker, kWorkers);
+  publish_and_sync(slot, block_reduce<MODE>(mine, scratch, k2));
+  const RowStats stats = finish_row<MODE>(cluster_reduce<MODE>(slot, n_ranks, k2), a.scale);
   if (worker < 0) {
-    if (rank == 0 && threadIdx.x == 0) a.values[row] = row_value<IS_CE>(stats, target, a.weights);
+    if (rank == 0 && threadIdx.x == 0) a.values[row] = row_value<MODE>(stats, target, a.weights, a.scale);
     return;
   }
   T* grad_origin = a.grad + (row * a.row_stride - layout.lead);
-  thread_grad<T, HAS_T, IS_CE>(s_buf, t_buf, grad_origin, layout, a.cols, a.n_valid, a.inv_temp, stats, a.weights,
-                               target, coef, worker, kWorkers);
+  thread_grad<T, MODE>(s_buf, t_buf, grad_origin, layout, a.cols, a.n_valid, k2, stats,
+                       grad_coef(a.weights, a.scale, coef), target, worker, kWorkers);
 }
 
 template <typename T>
@@ -521,8 +606,9 @@ __device__ __forceinline__ void process_inactive_row(const KernelArgs<T>& a, int
 // Persistent: cluster k handles rows k, k + n_clusters, ...; every CTA of a cluster walks the same
 // rows and reads the same coefficients, so all of them meet every cluster barrier.
 // Shared memory: NBUF x (student slice, teacher slice), then 2 partial slots, then kWarps scratch.
-template <typename T, bool IS_CE, int NBUF>
-__global__ void __launch_bounds__(kThreads, 1) kl_cluster_kernel(const KernelArgs<T> a) {
+template <typename T, int MODE, int NBUF>
+__global__ void __launch_bounds__(kThreads, kMinBlocks) kl_cluster_kernel(const KernelArgs<T> a) {
+  constexpr bool IS_CE = Traits<MODE>::kCE;
   constexpr int kTensors = IS_CE ? 1 : 2;
   extern __shared__ __align__(16) unsigned char smem[];
   cg::cluster_group cluster = cg::this_cluster();
@@ -560,7 +646,7 @@ __global__ void __launch_bounds__(kThreads, 1) kl_cluster_kernel(const KernelArg
     T* s_buf = data + ((k % NBUF) * kTensors) * slice;
     T* t_buf = s_buf + (kTensors - 1) * slice;
     if (coef_q[0] != 0.f) {
-      process_active_row<T, IS_CE, NBUF>(a, row, rank, n_ranks, s_buf, t_buf, slots + (phase & 1u), scratch,
+      process_active_row<T, MODE, NBUF>(a, row, rank, n_ranks, s_buf, t_buf, slots + (phase & 1u), scratch,
                                          coef_q[0], target_q[0]);
       ++phase;
     } else {
@@ -593,13 +679,17 @@ size_t shared_bytes(int cols, int n_tensors, int cluster, int nbuf) {
   return nbuf * n_tensors * slice_bytes + (2 + kWarps) * sizeof(Partial);
 }
 
-LossWeights make_weights(double forward_weight, bool is_ce) {
+LossWeights make_weights(double forward_weight) {
   LossWeights w;
   w.w_fwd = static_cast<float>(forward_weight);
   w.w_rev = 1.0f - w.w_fwd;
-  w.has_rev = !is_ce && forward_weight < 1.0;
-  w.has_fwd = !is_ce && forward_weight > 0.0;
   return w;
+}
+
+int loss_mode(bool is_ce, double forward_weight) {
+  if (is_ce) return kCrossEntropy;
+  if (forward_weight <= 0.0) return kReverse;
+  return forward_weight >= 1.0 ? kForward : kMixed;
 }
 
 // cudaOccupancyMaxActiveClusters, cached per device, kernel, cluster size and shared memory.
@@ -617,9 +707,9 @@ int max_active_clusters(const void* kernel, const cudaLaunchConfig_t& config, in
   return n_clusters;
 }
 
-template <typename T, bool IS_CE, int NBUF>
+template <typename T, int MODE, int NBUF>
 void launch_typed(const KernelArgs<T>& args, int cluster, size_t smem, int device, cudaStream_t stream) {
-  auto kernel = kl_cluster_kernel<T, IS_CE, NBUF>;
+  auto kernel = kl_cluster_kernel<T, MODE, NBUF>;
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
   if (cluster > 8) C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
   cudaLaunchAttribute attribute;
@@ -682,27 +772,33 @@ KernelArgs<T> make_args(const at::Tensor& student, const at::Tensor& teacher, co
   a.cols = static_cast<int>(student.size(1));
   a.n_valid = static_cast<int>(std::min<int64_t>(std::max<int64_t>(n_valid, 0), student.size(1)));
   a.chunks_per_cta = chunks_per_cta(a.cols, cluster);
-  a.inv_temp = static_cast<float>(inv_temp);
-  a.weights = make_weights(forward_weight, is_ce);
+  a.scale.inv_temp = static_cast<float>(inv_temp);
+  a.scale.k2 = static_cast<float>(inv_temp * 1.4426950408889634);
+  a.weights = make_weights(forward_weight);
   return a;
 }
 
-template <typename T, bool IS_CE>
-void launch_kind(const KernelArgs<T>& args, int cluster, int nbuf, size_t smem, int device, cudaStream_t stream) {
+template <typename T, int MODE>
+void launch_buffers(const KernelArgs<T>& args, int cluster, int nbuf, size_t smem, int device, cudaStream_t stream) {
   if (nbuf == 2) {
-    launch_typed<T, IS_CE, 2>(args, cluster, smem, device, stream);
+    launch_typed<T, MODE, 2>(args, cluster, smem, device, stream);
   } else {
-    launch_typed<T, IS_CE, 1>(args, cluster, smem, device, stream);
+    launch_typed<T, MODE, 1>(args, cluster, smem, device, stream);
   }
 }
 
 template <typename T>
-void launch_dtype(const KernelArgs<T>& args, bool is_ce, int cluster, int nbuf, size_t smem, int device,
-                  cudaStream_t stream) {
-  if (is_ce) {
-    launch_kind<T, true>(args, cluster, nbuf, smem, device, stream);
-  } else {
-    launch_kind<T, false>(args, cluster, nbuf, smem, device, stream);
+void launch_mode(const KernelArgs<T>& args, int mode, int cluster, int nbuf, size_t smem, int device,
+                 cudaStream_t stream) {
+  switch (mode) {
+    case kReverse:
+      return launch_buffers<T, kReverse>(args, cluster, nbuf, smem, device, stream);
+    case kForward:
+      return launch_buffers<T, kForward>(args, cluster, nbuf, smem, device, stream);
+    case kMixed:
+      return launch_buffers<T, kMixed>(args, cluster, nbuf, smem, device, stream);
+    default:
+      return launch_buffers<T, kCrossEntropy>(args, cluster, nbuf, smem, device, stream);
   }
 }
 
@@ -725,14 +821,15 @@ void loss_and_grad(const at::Tensor& student, const at::Tensor& teacher, const a
               " bytes of shared memory per CTA, the device allows ", optin);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device).stream();
   const int c = static_cast<int>(cluster), b = static_cast<int>(nbuf);
+  const int mode = loss_mode(is_ce, forward_weight);
   if (student.scalar_type() == at::kBFloat16) {
     const auto args = make_args<__nv_bfloat16>(student, teacher, grad, values, coef, target, n_valid, inv_temp,
                                                forward_weight, is_ce, c);
-    launch_dtype(args, is_ce, c, b, smem, device, stream);
+    launch_mode(args, mode, c, b, smem, device, stream);
   } else {
     const auto args =
         make_args<__half>(student, teacher, grad, values, coef, target, n_valid, inv_temp, forward_weight, is_ce, c);
-    launch_dtype(args, is_ce, c, b, smem, device, stream);
+    launch_mode(args, mode, c, b, smem, device, stream);
   }
 }
 
@@ -742,9 +839,10 @@ void loss_and_grad(const at::Tensor& student, const at::Tensor& teacher, const a
 // threads; chunk slicing, masking, per-thread online statistics, combining and gradient stores are
 // the device code's own functions. Unread chunk bytes are filled with NaN, as stale shared memory
 // could hold anything. Reduction order differs from the GPU (sequential here).
-template <typename T, bool IS_CE>
+template <typename T, int MODE>
 void emulate_typed(const KernelArgs<T>& a, int cluster, int threads) {
-  constexpr bool HAS_T = !IS_CE;
+  constexpr bool IS_CE = Traits<MODE>::kCE, HAS_T = !IS_CE;
+  const float k2 = a.scale.k2;
   const int64_t slice = static_cast<int64_t>(a.chunks_per_cta) * kVec;
   std::vector<T> s_buf(cluster * slice), t_buf(cluster * slice);
   for (int64_t row = 0; row < a.n_rows; ++row) {
@@ -778,20 +876,35 @@ void emulate_typed(const KernelArgs<T>& a, int cluster, int threads) {
     for (int rank = 0; rank < cluster; ++rank) {
       const RowLayout layout = row_layout(row, a.row_stride, a.cols, rank, a.chunks_per_cta);
       for (int tid = 0; tid < threads; ++tid) {
-        all = combine(all, thread_stats<T, HAS_T, IS_CE>(&s_buf[rank * slice], &t_buf[rank * slice], layout,
-                                                          a.n_valid, a.inv_temp, target, tid, threads));
+        const Partial mine =
+            thread_stats<T, MODE>(&s_buf[rank * slice], &t_buf[rank * slice], layout, a.n_valid, k2, target, tid, threads);
+        all = combine<MODE>(all, mine, k2);
       }
     }
-    const RowStats stats = finish_row(all);
-    a.values[row] = row_value<IS_CE>(stats, target, a.weights);
+    const RowStats stats = finish_row<MODE>(all, a.scale);
+    a.values[row] = row_value<MODE>(stats, target, a.weights, a.scale);
+    const GradCoef factors = grad_coef(a.weights, a.scale, coef);
     for (int rank = 0; rank < cluster; ++rank) {
       const RowLayout layout = row_layout(row, a.row_stride, a.cols, rank, a.chunks_per_cta);
       for (int tid = 0; tid < threads; ++tid) {
-        thread_grad<T, HAS_T, IS_CE>(&s_buf[rank * slice], &t_buf[rank * slice],
-                                     a.grad + (row * a.row_stride - layout.lead), layout, a.cols, a.n_valid,
-                                     a.inv_temp, stats, a.weights, target, coef, tid, threads);
+        thread_grad<T, MODE>(&s_buf[rank * slice], &t_buf[rank * slice], a.grad + (row * a.row_stride - layout.lead),
+                             layout, a.cols, a.n_valid, k2, stats, factors, target, tid, threads);
       }
     }
+  }
+}
+
+template <typename T>
+void emulate_mode(const KernelArgs<T>& a, int mode, int cluster, int threads) {
+  switch (mode) {
+    case kReverse:
+      return emulate_typed<T, kReverse>(a, cluster, threads);
+    case kForward:
+      return emulate_typed<T, kForward>(a, cluster, threads);
+    case kMixed:
+      return emulate_typed<T, kMixed>(a, cluster, threads);
+    default:
+      return emulate_typed<T, kCrossEntropy>(a, cluster, threads);
   }
 }
 
@@ -802,14 +915,15 @@ void emulate(const at::Tensor& student, const at::Tensor& teacher, const at::Ten
   check_inputs(student, teacher, grad, values, coef, target, is_ce);
   TORCH_CHECK(cluster >= 1 && threads >= 1, "kl_cluster.emulate: cluster and threads must be positive");
   const int c = static_cast<int>(cluster), n = static_cast<int>(threads);
+  const int mode = loss_mode(is_ce, forward_weight);
   if (student.scalar_type() == at::kBFloat16) {
     const auto a = make_args<__nv_bfloat16>(student, teacher, grad, values, coef, target, n_valid, inv_temp,
                                             forward_weight, is_ce, c);
-    is_ce ? emulate_typed<__nv_bfloat16, true>(a, c, n) : emulate_typed<__nv_bfloat16, false>(a, c, n);
+    emulate_mode(a, mode, c, n);
   } else {
     const auto a =
         make_args<__half>(student, teacher, grad, values, coef, target, n_valid, inv_temp, forward_weight, is_ce, c);
-    is_ce ? emulate_typed<__half, true>(a, c, n) : emulate_typed<__half, false>(a, c, n);
+    emulate_mode(a, mode, c, n);
   }
 }
 
