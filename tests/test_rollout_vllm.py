@@ -201,3 +201,40 @@ def test_real_vllm_matches_the_cpu_engine(tiny_hf_models) -> None:
     assert (
         engine.generate([prompt], seeded)[0][0].token_ids == engine.generate([prompt], seeded)[0][0].token_ids
     )
+
+
+def test_placement_alone_leaves_the_environment_alone() -> None:
+    from megatron_sdzero.rollout.vllm_engine import engine_placement
+
+    environ = {"CUDA_VISIBLE_DEVICES": "3"}
+    with engine_placement(1, 0, 1, environ):
+        assert environ == {"CUDA_VISIBLE_DEVICES": "3"}
+    assert environ == {"CUDA_VISIBLE_DEVICES": "3"}
+
+
+@pytest.mark.parametrize(
+    ("visible", "index", "expected"), [(None, 5, "5"), ("4,5,6,7", 2, "6"), ("GPU-a, GPU-b", 1, "GPU-b")]
+)
+def test_placement_with_many_ranks_gives_the_engine_process_this_ranks_gpu(visible, index, expected) -> None:
+    from megatron_sdzero.rollout.vllm_engine import MULTIPROCESSING_ENV, engine_placement
+
+    environ = {} if visible is None else {"CUDA_VISIBLE_DEVICES": visible}
+    before = dict(environ)
+    with engine_placement(8, index, 1, environ):
+        assert environ["CUDA_VISIBLE_DEVICES"] == expected
+        assert environ[MULTIPROCESSING_ENV] == "1"
+    assert environ == before  # restored once the engine process has started
+
+
+def test_placement_refuses_what_cannot_work_with_many_ranks() -> None:
+    from megatron_sdzero.rollout.vllm_engine import MULTIPROCESSING_ENV, engine_placement
+
+    with pytest.raises(ValueError, match="join the trainer's process group"):
+        with engine_placement(2, 0, 1, {MULTIPROCESSING_ENV: "0"}):
+            pass
+    with pytest.raises(ValueError, match="tensor_parallel_size 1"):
+        with engine_placement(2, 0, 2, {}):
+            pass
+    with pytest.raises(ValueError, match="not among CUDA_VISIBLE_DEVICES"):
+        with engine_placement(2, 3, 1, {"CUDA_VISIBLE_DEVICES": "0,1"}):
+            pass

@@ -9,13 +9,23 @@ cache so no KV block computed with the old weights is reused. The new checkpoint
 architecture and must not be quantized. ``apply_model`` ships a function to the worker processes,
 which vLLM allows only with ``VLLM_ALLOW_INSECURE_SERIALIZATION=1``; the engine sets it (before vLLM
 starts) unless the caller set it.
+
+Placement (``engine_placement``): alone in its job (world size 1), the environment decides (the
+sbatch script sets ``VLLM_ENABLE_V1_MULTIPROCESSING=0``: the engine core inside this process, as
+measured on one GPU; vLLM's default is a separate process). With more ranks,
+an in-process engine core would adopt the trainer's default process group (vLLM 0.26's
+``init_distributed_environment`` reuses an initialised one and builds its groups over every rank,
+collectively) and pin ``cuda:0`` (its uni-process executor takes the device index from the device
+config, not from LOCAL_RANK). So then the engine core runs in its own process, started with
+``CUDA_VISIBLE_DEVICES`` set to this rank's GPU: a world of its own, on the rank's device.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, MutableMapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +51,8 @@ class VLLMEngine:
         self.vllm = import_vllm()
         self.config = config
         self.model_path = Path(model_path)
-        self._llm = self.vllm.LLM(model=str(model_path), **engine_kwargs(config))
+        with engine_placement(_world_size(), _current_device_index(), config.tensor_parallel_size):
+            self._llm = self.vllm.LLM(model=str(model_path), **engine_kwargs(config))
         from transformers import AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_path))
@@ -80,6 +91,67 @@ class VLLMEngine:
 
     def close(self) -> None:
         self._llm = None
+
+
+MULTIPROCESSING_ENV = "VLLM_ENABLE_V1_MULTIPROCESSING"
+
+
+def _world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _current_device_index() -> int:
+    import torch
+
+    return torch.cuda.current_device() if torch.cuda.is_available() else 0
+
+
+def physical_gpu(device_index: int, visible_devices: str | None) -> str:
+    """The CUDA_VISIBLE_DEVICES entry of this process's device ``device_index``."""
+    if not visible_devices:
+        return str(device_index)
+    entries = [entry.strip() for entry in visible_devices.split(",") if entry.strip()]
+    if device_index >= len(entries):
+        raise ValueError(f"device {device_index} is not among CUDA_VISIBLE_DEVICES={visible_devices!r}")
+    return entries[device_index]
+
+
+@contextlib.contextmanager
+def engine_placement(
+    world_size: int,
+    device_index: int,
+    tensor_parallel_size: int,
+    environ: MutableMapping[str, str] = os.environ,
+) -> Iterator[None]:
+    """The environment vLLM's engine core starts in (see the module docstring); restored afterwards
+    (the engine-core process has inherited it by then)."""
+    if world_size == 1:
+        yield
+        return
+    if environ.get(MULTIPROCESSING_ENV) == "0":
+        raise ValueError(
+            f"{MULTIPROCESSING_ENV}=0 with {world_size} ranks: an in-process vLLM engine would join the "
+            "trainer's process group and run on cuda:0; unset it (the engine core then gets its own "
+            "process on this rank's GPU)"
+        )
+    if tensor_parallel_size > 1:
+        raise ValueError(
+            f"rollout.tensor_parallel_size={tensor_parallel_size} inside a {world_size}-rank job: each "
+            "engine gets only its rank's GPU; use tensor_parallel_size 1 (one engine per replica)"
+        )
+    saved = {key: environ.get(key) for key in (MULTIPROCESSING_ENV, "CUDA_VISIBLE_DEVICES")}
+    environ["CUDA_VISIBLE_DEVICES"] = physical_gpu(device_index, saved["CUDA_VISIBLE_DEVICES"])
+    environ[MULTIPROCESSING_ENV] = "1"
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                environ.pop(key, None)
+            else:
+                environ[key] = value
 
 
 def engine_kwargs(config: RolloutConfig) -> dict[str, Any]:
