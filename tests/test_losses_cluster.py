@@ -43,6 +43,7 @@ from megatron_sdzero.losses import (  # noqa: E402
 )
 from megatron_sdzero.losses._torch_kernels import GradSpec  # noqa: E402
 from megatron_sdzero.losses.parallel import VocabShard  # noqa: E402
+from megatron_sdzero.losses.reference import fused_rows_reference  # noqa: E402
 
 H100_SMEM_OPTIN = 232448  # cudaDevAttrMaxSharedMemoryPerBlockOptin on H100 / H200 (227 KB)
 
@@ -387,37 +388,6 @@ def test_triton_kernels_write_in_place_in_interpreter() -> None:
 # ---------------------------------------------------------------- CPU (slow): the kernel's algorithm
 
 
-def _row_reference(student, teacher, coef, targets, n_valid: int, inv_temp: float, spec: GradSpec):
-    """float64 per-row values and coef * d value / d (student / T) for the kernel-level contract."""
-    s = student[:, :n_valid].double() * inv_temp
-    lp = s.log_softmax(-1)
-    p = lp.exp()
-    rows = torch.arange(student.shape[0])
-    if spec.kind == "ce":
-        safe = targets.clamp(min=0)
-        values = torch.where(targets >= 0, -lp[rows, safe], torch.inf)
-        grad = p.clone()
-        grad[rows, safe] -= (targets >= 0).double()
-    else:
-        t = teacher[:, :n_valid].double() * inv_temp
-        lq = t.log_softmax(-1)
-        q = lq.exp()
-        reverse = torch.where(p > 0, p * (lp - lq), 0.0).sum(-1)
-        forward = torch.where(q > 0, q * (lq - lp), 0.0).sum(-1)
-        w = spec.forward_weight
-        values = reverse if w == 0 else forward if w == 1 else (1 - w) * reverse + w * forward
-        grad = torch.zeros_like(p)
-        if w < 1:
-            grad += (1 - w) * torch.where(p > 0, p * (lp - lq - reverse[:, None]), 0.0)
-        if w > 0:
-            grad += w * (p - q)
-    full = torch.zeros(student.shape, dtype=torch.float64)
-    full[:, :n_valid] = grad * coef.double()[:, None]
-    active = coef != 0
-    full[~active] = 0.0
-    return torch.where(active, values, 0.0), full
-
-
 def _kernel_inputs(rows: int, cols: int, n_valid: int, dtype: torch.dtype, seed: int, scale: float = 3.0):
     gen = torch.Generator().manual_seed(seed)
     student = torch.randn(rows, cols, generator=gen) * scale
@@ -466,7 +436,7 @@ def test_kernel_algorithm_emulated_on_cpu_matches_float64(dtype: torch.dtype) ->
                 for in_place in (False, True):
                     student, teacher, coef, targets = _kernel_inputs(9, cols, n_valid, dtype, seed=cols)
                     shard = VocabShard(start=0, size=cols, valid_vocab_size=n_valid, group=None)
-                    ref = _row_reference(student, teacher, coef, targets, n_valid, 1 / 0.7, spec)
+                    ref = fused_rows_reference(student, teacher, coef, targets, n_valid, 1 / 0.7, spec)
                     s = student.clone()
                     t, cols_ = (None, targets) if spec.kind == "ce" else (teacher, None)
                     values, grad = _cluster_kernel.emulate_loss_and_grad(

@@ -43,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from megatron_sdzero.losses import _cluster_kernel, _triton_kernels  # noqa: E402
 from megatron_sdzero.losses._torch_kernels import GradSpec  # noqa: E402
 from megatron_sdzero.losses.parallel import VocabShard  # noqa: E402
+from megatron_sdzero.losses.reference import fused_rows_reference  # noqa: E402
 
 VALUE_RTOL, VALUE_ATOL = 2e-5, 1e-6  # as tests/test_losses_reference.py
 GRAD_TOL_BF16, GRAD_TOL_FP32 = 2.0**-7, 2e-5
@@ -138,39 +139,6 @@ def make_rows(rows: int, vocab: int, valid: int, seed: int) -> dict[str, torch.T
     return {"student": student.bfloat16(), "teacher": teacher.bfloat16(), "coef": coef, "targets": targets}
 
 
-def reference_rows(inputs: dict, rows: torch.Tensor, valid: int, inv_temp: float, spec: GradSpec):
-    """float64 values and coef * d value / d (student / T) on the given rows."""
-    s = inputs["student"][rows, :valid].double() * inv_temp
-    lp = s.log_softmax(-1)
-    p = lp.exp()
-    coef = inputs["coef"][rows].double()
-    if spec.kind == "ce":
-        targets = inputs["targets"][rows]
-        safe = targets.clamp(min=0)
-        index = torch.arange(len(rows), device=s.device)
-        values = torch.where(targets >= 0, -lp[index, safe], torch.inf)
-        grad = p.clone()
-        grad[index, safe] -= (targets >= 0).double()
-    else:
-        t = inputs["teacher"][rows, :valid].double() * inv_temp
-        lq = t.log_softmax(-1)
-        q = lq.exp()
-        reverse = torch.where(p > 0, p * (lp - lq), 0.0).sum(-1)
-        forward = torch.where(q > 0, q * (lq - lp), 0.0).sum(-1)
-        w = spec.forward_weight
-        values = reverse if w == 0 else forward if w == 1 else (1 - w) * reverse + w * forward
-        grad = torch.zeros_like(p)
-        if w < 1:
-            grad += (1 - w) * torch.where(p > 0, p * (lp - lq - reverse[:, None]), 0.0)
-        if w > 0:
-            grad += w * (p - q)
-    full = torch.zeros(len(rows), inputs["student"].shape[1], dtype=torch.float64, device=s.device)
-    full[:, :valid] = grad * coef[:, None]
-    active = coef != 0
-    full[~active] = 0.0
-    return torch.where(active, values, 0.0), full
-
-
 def value_errors(got: torch.Tensor, want: torch.Tensor) -> float:
     if not torch.equal(torch.isinf(got), torch.isinf(want)):
         return float("inf")
@@ -210,7 +178,15 @@ def check_case(inputs: dict, vocab: int, valid: int, name: str, inv_temp: float,
         [torch.randperm(n_rows - 32, device="cuda")[:16], torch.arange(n_rows - 8, n_rows, device="cuda")]
     )
     rows = torch.cat([rows, torch.tensor([3, 5], device="cuda")])  # label -1 (CE: inf), all -inf masked
-    ref_values, ref_grad = reference_rows({**inputs, "coef": coef}, rows, valid, inv_temp, spec)
+    ref_values, ref_grad = fused_rows_reference(
+        inputs["student"][rows],
+        inputs["teacher"][rows],
+        coef[rows],
+        inputs["targets"][rows],
+        valid,
+        inv_temp,
+        spec,
+    )
     triton_scale = max(triton_grad.float().abs().max().item(), 1e-30)
     result = {
         "value_err": value_errors(values[rows], ref_values),
