@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -39,6 +38,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_kl import copy_bandwidth, time_cuda  # noqa: E402
 
 from megatron_sdzero.losses import _cluster_kernel, _triton_kernels  # noqa: E402
 from megatron_sdzero.losses._torch_kernels import GradSpec  # noqa: E402
@@ -53,28 +55,6 @@ SPECS = {
     "mixed(0.3)": GradSpec("kl", 0.3),
     "cross-entropy": GradSpec("ce"),
 }
-
-
-def time_cuda(fn: Callable[[], object], warmup: int = 3, iters: int = 10) -> float:
-    """Median milliseconds of fn, CUDA events."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
-def copy_bandwidth(num_bytes: int) -> float:
-    """Device-to-device copy bytes/s (read + write) on a buffer of num_bytes."""
-    src = torch.ones(num_bytes, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    return 2 * num_bytes / (time_cuda(lambda: dst.copy_(src)) * 1e-3)
 
 
 def environment() -> dict:
@@ -274,7 +254,7 @@ def time_kernels(tokens: int, vocab: int) -> list[dict]:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             before = torch.cuda.memory_allocated()
-            ms = time_cuda(fn)
+            ms = time_cuda(fn, warmup=3, iters=10)
             extra_gib = (torch.cuda.max_memory_allocated() - before) / 1024**3
             rows.append(
                 {
