@@ -38,6 +38,7 @@ class Case:
     vocab: int = 96  # padded vocabulary, divisible by 4 for TP = 4
     valid_vocab: int = 90  # ids 90..95 are Megatron padding (finite garbage in the logits)
     scale: float = 3.0
+    offset: float = 0.0  # added to every finite student and teacher logit
     student_dtype: torch.dtype = torch.float32
     teacher_dtype: torch.dtype = torch.float32
     neg_inf_columns: tuple[int, ...] = ()
@@ -70,6 +71,8 @@ def make_inputs(case: Case) -> dict[str, torch.Tensor]:
     teacher = 0.6 * student + torch.randn(shape, generator=gen, dtype=torch.float64) * case.scale
     if case.teacher_dtype == torch.bfloat16:
         teacher = _bf16_teacher_without_ties_at_the_top(shape, case, gen)
+    student += case.offset
+    teacher += case.offset
     if case.neg_inf_columns:
         student[..., list(case.neg_inf_columns)] = float("-inf")
         teacher[..., list(case.neg_inf_columns)] = float("-inf")
@@ -211,6 +214,8 @@ def _variants() -> list[dict]:
         },
         {"tag": "fp32-student-bf16-teacher", "teacher_dtype": torch.bfloat16},
         {"tag": "extreme-1e4", "scale": 1e4},
+        # a large common offset keeps probabilities spread: any rounding of x/T shows in the gradient
+        {"tag": "offset-1e4-T0.7", "offset": 1e4, "temperature": 0.7},
         {"tag": "neg-inf", "neg_inf_columns": (7, 40, 41, 88), "inf_masked_row": True},
     ]
 

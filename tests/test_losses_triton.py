@@ -101,26 +101,19 @@ def _gpu_cases() -> list[Case]:
     cases = []
     for vocab, valid in ((151936, 151669), (100278, 100278)):
         for config in KINDS:
+            bf16 = {"student_dtype": torch.bfloat16, "teacher_dtype": torch.bfloat16}
             for tag, extra in (
-                ("bf16", {}),
-                ("bf16-extreme", {"scale": 1e4}),
-                ("bf16-neg-inf-T0.7", {"neg_inf_columns": (7, 40, 41, 88), "inf_masked_row": True}),
+                ("bf16", bf16),
+                ("bf16-extreme", {**bf16, "scale": 1e4}),
+                ("bf16-neg-inf-T0.7", {**bf16, "neg_inf_columns": (7, 40, 41, 88), "inf_masked_row": True}),
+                # float32 logits near 1e4 (bf16 could not hold their spread): x/T must not be rounded
+                ("fp32-offset-T0.7", {"offset": 1e4}),
             ):
                 if tag.endswith("T0.7"):
                     config = DistillLossConfig(**{**config.__dict__, "temperature": 0.7})
                 name = f"{config.kind}-top{config.top_k}{'-tail' if config.top_k_tail else ''}-{vocab}-{tag}"
                 cases.append(
-                    Case(
-                        name=name,
-                        config=config,
-                        seq=16,
-                        batch=4,
-                        vocab=vocab,
-                        valid_vocab=valid,
-                        student_dtype=torch.bfloat16,
-                        teacher_dtype=torch.bfloat16,
-                        **extra,
-                    )  # fmt: skip
+                    Case(name=name, config=config, seq=16, batch=4, vocab=vocab, valid_vocab=valid, **extra)
                 )
     return cases
 
@@ -262,13 +255,17 @@ from test_losses_reference import all_cases
 from megatron_sdzero.losses import _torch_kernels, _triton_kernels
 
 worst = 0.0
-# Every kind with the bf16/temperature and -inf inputs, plus the extreme logits for the default kind.
+# Every kind with the bf16/temperature, -inf and offset/temperature inputs, plus the extreme logits
+# for the default kind.
 picked = [
     case for case in all_cases()
     if case.config.top_k is None
-    and (case.name.endswith(("bf16-T0.7", "neg-inf")) or case.name == "reverse-full/extreme-1e4")
+    and (
+        case.name.endswith(("bf16-T0.7", "neg-inf", "offset-1e4-T0.7"))
+        or case.name == "reverse-full/extreme-1e4"
+    )
 ]
-assert len(picked) == 9, [case.name for case in picked]
+assert len(picked) == 13, [case.name for case in picked]
 for case in picked:
     errors = T.check_distill(case, "cpu", "triton")
     worst = max(worst, errors["value"], errors["tokens"], errors["grad"])
@@ -296,9 +293,9 @@ def check_unfused_kernels_match_torch(torch_kernels, triton_kernels) -> None:
         for k in (torch_kernels, triton_kernels)
     ]
     torch.testing.assert_close(stats[1], stats[0], rtol=1e-5, atol=1e-5)
-    table = torch.randn(9, 8, generator=gen)
-    table[:, 1] = torch.logsumexp(student[:, :61].float() * 1.3, dim=-1) - table[:, 0]
-    table[:, 3] = torch.logsumexp(teacher[:, :61].float() * 1.3, dim=-1) - table[:, 2]
+    table = torch.randn(9, 8, generator=gen)  # maxima in logit units, log-sums of exp((x - max) / T)
+    table[:, 1] = torch.logsumexp(student[:, :61].float() * 1.3, dim=-1) - table[:, 0] * 1.3
+    table[:, 3] = torch.logsumexp(teacher[:, :61].float() * 1.3, dim=-1) - table[:, 2] * 1.3
     coef = torch.where(active, torch.rand(9, generator=gen), 0.0)
     targets = torch.randint(-1, 61, (9,), generator=gen)
     for spec in (GradSpec("kl", 0.0), GradSpec("kl", 0.4), GradSpec("jsd", jsd_beta=0.3), GradSpec("ce")):
@@ -339,6 +336,7 @@ def test_triton_kernels_in_interpreter_match_float64_reference() -> None:
 # k = 56 (64 keys) is too small for the 90 valid columns, so that case runs the PyTorch fallback.
 TOP_K_INTERPRETER_CASES = [
     ("reverse-top5-tail/bf16-T0.7", 16),
+    ("mixed-top5-tail/offset-1e4-T0.7", 16),
     ("jsd-top5-tail/extreme-1e4", 16),
     ("mixed-top5/neg-inf", 16),
     ("forward-top56-tail/fp32-student-bf16-teacher", 128),
@@ -365,11 +363,12 @@ def with_backend(case: Case, backend: str) -> Case:
 
 
 def _tail_lse(
-    x64: torch.Tensor, columns: torch.Tensor, tail: torch.Tensor
+    x64: torch.Tensor, columns: torch.Tensor, tail: torch.Tensor, inv_temp: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log-sum-exp from a kernel's [max, sum] tail, float64 log-sum-exp outside ``columns``)."""
-    got = tail[:, 0].double() + tail[:, 1].double().log()
-    return got, torch.logsumexp(x64.scatter(1, columns, float("-inf")), dim=-1)
+    """(log-sum-exp of x / T from a kernel's [max x, sum exp((x - max) / T)] tail, float64
+    log-sum-exp of x / T outside ``columns``)."""
+    got = tail[:, 0].double() * inv_temp + tail[:, 1].double().log()
+    return got, torch.logsumexp(x64.scatter(1, columns, float("-inf")) * inv_temp, dim=-1)
 
 
 def _check_local_top_k(
@@ -391,13 +390,13 @@ def _check_local_top_k(
     columns = found.columns[done]
     assert (found.columns[~active] == 0).all()
     assert (columns.sort(dim=-1).values.diff(dim=-1) > 0).all()
-    t64, s64 = (x[:, :61].double() * 1.3 for x in (teacher, student))
+    t64, s64 = (x[:, :61].double() for x in (teacher, student))
     top_values = t64.topk(k, dim=-1).values.sort(dim=-1).values[done]
     assert torch.equal(t64[done].gather(1, columns).sort(dim=-1).values, top_values)
     if done[tied_row]:  # every teacher logit of this row is equal: ties go to the lowest columns
         assert torch.equal(found.columns[tied_row].sort().values.cpu(), torch.arange(k))
     for half, x64 in enumerate((t64, s64)):
-        got, want = _tail_lse(x64[done], columns, found.tail[done][:, 2 * half :])
+        got, want = _tail_lse(x64[done], columns, found.tail[done][:, 2 * half :], 1.3)
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-5)
 
 
@@ -420,8 +419,9 @@ def check_top_k_kernels_match_torch(device: str) -> None:
     for k, cap in ((5, 16), (40, 16)):
         _check_local_top_k(teacher, student, active, k, cap, tied_row=5)
     shard = VocabShard(start=70, size=70, valid_vocab_size=131, group=None)
-    s64 = student[:, :61].double() * 1.3
-    tail = torch.stack([s64.amax(dim=-1), torch.logsumexp(s64, dim=-1) - s64.amax(dim=-1)], dim=1).float()
+    s64 = student[:, :61].double()
+    s_max = s64.amax(dim=-1)
+    tail = torch.stack([s_max, torch.logsumexp((s64 - s_max[:, None]) * 1.3, dim=-1)], dim=1).float()
     coef = torch.where(active, torch.randn(9, generator=gen).to(device), 0.0)
     got = _triton_topk.tail_grad(student, tail, coef, shard, 1.3)
     want = torch.zeros_like(student)

@@ -9,6 +9,10 @@ Row tables (float32, one row per token):
   sum-exp, reverse cross term, forward cross term (see ``full_vocab.py`` for their meaning);
 - global table, width ``TABLE_WIDTH``: student max, log of student sum-exp, teacher max, log of
   teacher sum-exp, and one kind-specific scalar (the reverse KL, or E = KL(student || M) for JSD).
+
+Maxima are kept in logit units (max x, not max x/T) and the temperature scales only differences:
+(x - max) / T. Scaling first would round every x/T to float32, an error of |x| * 2**-24 per logit
+that no later subtraction removes (1e-3 at |x| ~ 1e4); x - max is exact for nearby values.
 """
 
 from __future__ import annotations
@@ -52,19 +56,24 @@ def _row_chunks(selected: torch.Tensor, chunk_tokens: int) -> Iterator[Rows]:
         yield rows[begin : begin + chunk_tokens]
 
 
-def _load_rows(logits: torch.Tensor, rows: Rows, shard: VocabShard, inv_temp: float) -> torch.Tensor:
-    """float32 copy of the given rows, divided by the temperature, padding columns set to -inf."""
+def _load_rows(logits: torch.Tensor, rows: Rows, shard: VocabShard) -> torch.Tensor:
+    """float32 copy of the given rows (unscaled), padding columns set to -inf."""
     chunk = logits[rows].to(torch.float32, copy=isinstance(rows, slice))
-    if inv_temp != 1.0:
-        chunk.mul_(inv_temp)
     chunk[:, shard.valid_columns :] = float("-inf")
     return chunk
 
 
-def _shift_by_max(chunk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """In place: chunk -= row max (clamped to NEG_BIG). Returns (shifted chunk, row max)."""
+def _scaled_shift(chunk: torch.Tensor, reference: torch.Tensor, inv_temp: float) -> torch.Tensor:
+    """In place: chunk = (chunk - reference[row]) / T."""
+    chunk.sub_(reference[:, None])
+    return chunk.mul_(inv_temp) if inv_temp != 1.0 else chunk
+
+
+def _shift_by_max(chunk: torch.Tensor, inv_temp: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """In place: chunk = (chunk - row max) / T, the max clamped to NEG_BIG. Returns (shifted chunk,
+    row max in logit units)."""
     row_max = chunk.amax(dim=-1).clamp_(min=NEG_BIG)
-    return chunk.sub_(row_max[:, None]), row_max
+    return _scaled_shift(chunk, row_max, inv_temp), row_max
 
 
 def _weighted_sum(weights: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
@@ -87,11 +96,11 @@ def local_softmax_stats(
     out[:, 0] = NEG_BIG
     out[:, 2] = NEG_BIG
     for rows in _row_chunks(active, chunk_tokens):
-        ds, max_s = _shift_by_max(_load_rows(student, rows, shard, inv_temp))
+        ds, max_s = _shift_by_max(_load_rows(student, rows, shard), inv_temp)
         e_s = ds.exp()
         stats = [max_s, e_s.sum(dim=-1)]
         if teacher is not None:
-            dt, max_t = _shift_by_max(_load_rows(teacher, rows, shard, inv_temp))
+            dt, max_t = _shift_by_max(_load_rows(teacher, rows, shard), inv_temp)
             e_t = dt.exp()
             stats += [max_t, e_t.sum(dim=-1)]
             zeros = torch.zeros_like(max_s)
@@ -101,9 +110,9 @@ def local_softmax_stats(
     return out
 
 
-def _log_probs(chunk: torch.Tensor, table_rows: torch.Tensor, max_col: int) -> torch.Tensor:
-    """In place: log-softmax from the global max and log-sum-exp stored in the table."""
-    return chunk.sub_(table_rows[:, max_col, None]).sub_(table_rows[:, max_col + 1, None])
+def _log_probs(chunk: torch.Tensor, table_rows: torch.Tensor, max_col: int, inv_temp: float) -> torch.Tensor:
+    """In place: log-softmax of chunk / T from the global max and log-sum-exp stored in the table."""
+    return _scaled_shift(chunk, table_rows[:, max_col], inv_temp).sub_(table_rows[:, max_col + 1, None])
 
 
 def _log_mixture(lp: torch.Tensor, lq: torch.Tensor, beta: float) -> torch.Tensor:
@@ -125,8 +134,8 @@ def jsd_local_sums(
     out = torch.zeros(student.shape[0], 2, dtype=torch.float32, device=student.device)
     for rows in _row_chunks(active, chunk_tokens):
         table_rows = table[rows]
-        lp = _log_probs(_load_rows(student, rows, shard, inv_temp), table_rows, 0)
-        lq = _log_probs(_load_rows(teacher, rows, shard, inv_temp), table_rows, 2)
+        lp = _log_probs(_load_rows(student, rows, shard), table_rows, 0, inv_temp)
+        lq = _log_probs(_load_rows(teacher, rows, shard), table_rows, 2, inv_temp)
         lm = _log_mixture(lp, lq, beta)
         out[rows, 0] = _weighted_sum(lp.exp(), lp - lm)
         out[rows, 1] = _weighted_sum(lq.exp(), lq - lm)
@@ -144,14 +153,14 @@ def _grad_rows(
     spec: GradSpec,
 ) -> torch.Tensor:
     """d(per-token value)/d(scaled student logits) for the given rows, float32."""
-    lp = _log_probs(_load_rows(student, rows, shard, inv_temp), table_rows, 0)
+    lp = _log_probs(_load_rows(student, rows, shard), table_rows, 0, inv_temp)
     p = lp.exp()
     if spec.kind == "ce":
         grad = p
         owned = target_cols >= 0
         grad[owned.nonzero().squeeze(1), target_cols[owned]] -= 1.0
         return grad
-    lq = _log_probs(_load_rows(teacher, rows, shard, inv_temp), table_rows, 2)
+    lq = _log_probs(_load_rows(teacher, rows, shard), table_rows, 2, inv_temp)
     kind_scalar = table_rows[:, 4, None]
     if spec.kind == "jsd":
         log_ratio = lp - _log_mixture(lp, lq, spec.jsd_beta)

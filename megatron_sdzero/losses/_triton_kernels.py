@@ -9,6 +9,8 @@ Rows that are inactive (masked, zero weight) are not read at all. Rows are re-al
 so that the hot loop reads unmasked 16-byte vectors even for widths like 100278; only the first and
 last block of a row are masked. Offsets are 64-bit: [32768, 151936] has more than 2**31 elements.
 
+Maxima stay in logit units and 1/T multiplies differences only, as in ``_torch_kernels.py``.
+
 Imported lazily: only CUDA tensors (or TRITON_INTERPRET=1 on the CPU) take this path.
 """
 
@@ -60,36 +62,41 @@ def _block_ranges(lead, n_valid, n_blocks, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _load(ptr, offs, lead, n_valid, inv_temp, MASKED: tl.constexpr):
+def _load(ptr, offs, lead, n_valid, MASKED: tl.constexpr):
+    """float32 logits, unscaled; -inf outside columns [0, n_valid) when MASKED."""
     if MASKED:
         cols = offs - lead
         x = tl.load(ptr + offs, mask=(cols >= 0) & (cols < n_valid), other=-float("inf"))
     else:
         x = tl.load(ptr + offs)
-    return x.to(tl.float32) * inv_temp
+    return x.to(tl.float32)
 
 
 @triton.jit
 def _online_update(
-    s, t, max_s, max_t, sum_s, sum_t, cross_rev, cross_fwd,
+    s, t, max_s, max_t, sum_s, sum_t, cross_rev, cross_fwd, inv_temp,
     HAS_TEACHER: tl.constexpr, NEED_REVERSE: tl.constexpr, NEED_FORWARD: tl.constexpr,
 ):  # fmt: skip
-    """One block of the online softmax: scalar running maxima, per-lane running sums."""
+    """One block of the online softmax of s / T: scalar running maxima (logit units), per-lane
+    running sums of exp((s - max) / T)."""
     new_max_s = tl.maximum(max_s, tl.max(s, axis=0))
-    scale_s = tl.exp(max_s - new_max_s)
-    ds = s - new_max_s
+    scale_s = tl.exp((max_s - new_max_s) * inv_temp)
+    ds = (s - new_max_s) * inv_temp
     e_s = tl.exp(ds)
     if HAS_TEACHER:
         new_max_t = tl.maximum(max_t, tl.max(t, axis=0))
-        scale_t = tl.exp(max_t - new_max_t)
-        dt = t - new_max_t
+        scale_t = tl.exp((max_t - new_max_t) * inv_temp)
+        dt = (t - new_max_t) * inv_temp
         e_t = tl.exp(dt)
-        # Cross terms are kept relative to the running maxima; moving a maximum shifts them.
+        # Cross terms are kept relative to the running maxima; moving a maximum shifts them. The
+        # shift can be ~1e38 while the sums are 0 (NEG start): scale after the product, not before.
         shift = (max_s - new_max_s) - (max_t - new_max_t)
         if NEED_REVERSE:
-            cross_rev = scale_s * (cross_rev + sum_s * shift) + tl.where(e_s > 0, e_s * (ds - dt), 0.0)
+            moved = sum_s * shift * inv_temp
+            cross_rev = scale_s * (cross_rev + moved) + tl.where(e_s > 0, e_s * (ds - dt), 0.0)
         if NEED_FORWARD:
-            cross_fwd = scale_t * (cross_fwd - sum_t * shift) + tl.where(e_t > 0, e_t * (dt - ds), 0.0)
+            moved = sum_t * shift * inv_temp
+            cross_fwd = scale_t * (cross_fwd - moved) + tl.where(e_t > 0, e_t * (dt - ds), 0.0)
         sum_t = sum_t * scale_t + e_t
         max_t = new_max_t
     sum_s = sum_s * scale_s + e_s
@@ -103,14 +110,15 @@ def _stats_step(
     BLOCK: tl.constexpr,
 ):  # fmt: skip
     offs = i * BLOCK + tl.arange(0, BLOCK)
-    s = _load(s_ptr, offs, lead, n_read, inv_temp, MASKED)
+    s = _load(s_ptr, offs, lead, n_read, MASKED)
     if HAS_TEACHER:
-        t = _load(t_ptr, offs, lead, n_read, inv_temp, MASKED)
+        t = _load(t_ptr, offs, lead, n_read, MASKED)
     else:
         t = s
     return _online_update(
-        s, t, max_s, max_t, sum_s, sum_t, cross_rev, cross_fwd, HAS_TEACHER, NEED_REVERSE, NEED_FORWARD
-    )
+        s, t, max_s, max_t, sum_s, sum_t, cross_rev, cross_fwd, inv_temp,
+        HAS_TEACHER, NEED_REVERSE, NEED_FORWARD,
+    )  # fmt: skip
 
 
 @triton.jit
@@ -187,8 +195,8 @@ def _jsd_step(
     log_beta, log_one_minus_beta, student_term, teacher_term, MASKED: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     offs = i * BLOCK + tl.arange(0, BLOCK)
-    lp = (_load(s_ptr, offs, lead, n_read, inv_temp, MASKED) - max_s) - log_sum_s
-    lq = (_load(t_ptr, offs, lead, n_read, inv_temp, MASKED) - max_t) - log_sum_t
+    lp = (_load(s_ptr, offs, lead, n_read, MASKED) - max_s) * inv_temp - log_sum_s
+    lq = (_load(t_ptr, offs, lead, n_read, MASKED) - max_t) * inv_temp - log_sum_t
     lm = _log_mixture(lp, lq, log_beta, log_one_minus_beta)
     p = tl.exp(lp)
     q = tl.exp(lq)
@@ -242,12 +250,12 @@ def _grad_step(
     """Gradient of one block of one row: coef * d value / d s, written in the gradient's dtype."""
     offs = i * BLOCK + tl.arange(0, BLOCK)
     cols = offs - lead
-    lp = (_load(s_ptr, offs, lead, n_read, inv_temp, MASKED) - max_s) - log_sum_s
+    lp = (_load(s_ptr, offs, lead, n_read, MASKED) - max_s) * inv_temp - log_sum_s
     p = tl.exp(lp)
     if KIND == 2:  # cross-entropy: softmax minus one-hot of the target column
         grad = p - tl.where(cols == target, 1.0, 0.0)
     else:
-        lq = (_load(t_ptr, offs, lead, n_read, inv_temp, MASKED) - max_t) - log_sum_t
+        lq = (_load(t_ptr, offs, lead, n_read, MASKED) - max_t) * inv_temp - log_sum_t
         if KIND == 1:
             lm = _log_mixture(lp, lq, log_beta, log_one_minus_beta)
             grad = tl.where(p > 0, p * ((lp - lm) - kind_scalar), 0.0) * (1.0 - tl.exp(log_beta))
@@ -338,8 +346,8 @@ def _fused_loss_grad_kernel(
     log_sum_t = tl.log(sum_t)
     target = tl.load(target_ptr + row)
     if KIND == 2:
-        label = tl.load(s_row + lead + tl.maximum(target, 0)).to(tl.float32) * inv_temp
-        reverse = log_sum_s - (label - max_s)  # cross-entropy, stored where the reverse KL goes
+        label = tl.load(s_row + lead + tl.maximum(target, 0)).to(tl.float32)
+        reverse = log_sum_s - (label - max_s) * inv_temp  # cross-entropy, stored where the reverse KL goes
         value = tl.where(target >= 0, reverse, float("inf"))
     else:
         reverse = cross_rev / sum_s - (log_sum_s - log_sum_t)

@@ -55,7 +55,7 @@ MAX_TOP_K = 256
 _COLUMN_BITS = tl.constexpr(2**31 - 1)
 _LOW_BITS = tl.constexpr(2**32 - 1)
 _NO_KEY = tl.constexpr(-(2**63) + 1)  # below every key of a non-NaN value
-TAIL_WIDTH = 4  # teacher max, teacher sum of exp, student max, student sum of exp
+TAIL_WIDTH = 4  # teacher max, teacher sum of exp((x - max) / T), the same for the student (max: raw)
 
 
 @triton.jit
@@ -82,10 +82,11 @@ def _key_column(key):
 
 
 @triton.jit
-def _online_lse(x, running_max, sums):
-    """One block of an online log-sum-exp: scalar running maximum (finite), per-lane sums."""
+def _online_lse(x, running_max, sums, inv_temp):
+    """One block of an online log-sum-exp of x / T: scalar running maximum of x (finite, logit
+    units), per-lane sums of exp((x - max) / T)."""
     new_max = tl.maximum(running_max, tl.max(x, axis=0))
-    return new_max, sums * tl.exp(running_max - new_max) + tl.exp(x - new_max)
+    return new_max, sums * tl.exp((running_max - new_max) * inv_temp) + tl.exp((x - new_max) * inv_temp)
 
 
 @triton.jit
@@ -133,17 +134,18 @@ def _collect_step(
         tl.store(keys_row + slot, _sort_key(t, cols), mask=picked & (slot < CAP))
     if WITH_TAIL:
         s = _load_raw(s_row, offs, cols, n_read, MASKED)
-        max_t, sum_t = _online_lse(tl.where(picked, -float("inf"), t * inv_temp), max_t, sum_t)
-        max_s, sum_s = _online_lse(tl.where(picked, -float("inf"), s * inv_temp), max_s, sum_s)
+        max_t, sum_t = _online_lse(tl.where(picked, -float("inf"), t), max_t, sum_t, inv_temp)
+        max_s, sum_s = _online_lse(tl.where(picked, -float("inf"), s), max_s, sum_s, inv_temp)
     return count + n_picked, max_t, sum_t, max_s, sum_s
 
 
 @triton.jit
-def _add_leftovers(x, running_max, sums):
-    """Total sum of exp relative to the new maximum, after adding the values x (-inf: none)."""
+def _add_leftovers(x, running_max, sums, inv_temp):
+    """Total sum of exp((x - max) / T) relative to the new maximum, after adding the values x
+    (-inf: none)."""
     new_max = tl.maximum(running_max, tl.max(x, axis=0))
-    total = tl.sum(sums, axis=0) * tl.exp(running_max - new_max) + tl.sum(tl.exp(x - new_max), axis=0)
-    return new_max, total
+    old_part = tl.sum(sums, axis=0) * tl.exp((running_max - new_max) * inv_temp)
+    return new_max, old_part + tl.sum(tl.exp((x - new_max) * inv_temp), axis=0)
 
 
 @triton.jit
@@ -161,10 +163,10 @@ def _pick_top(
         kth = tl.max(tl.where(ranks == k - 1, top, _NO_KEY), axis=0)
         rest = (slots < count) & (keys < kth)
         cols = lead + _key_column(keys)
-        t = tl.load(t_row + cols, mask=rest, other=-float("inf")).to(tl.float32) * inv_temp
-        s = tl.load(s_row + cols, mask=rest, other=-float("inf")).to(tl.float32) * inv_temp
-        max_t, total_t = _add_leftovers(t, max_t, sum_t)
-        max_s, total_s = _add_leftovers(s, max_s, sum_s)
+        t = tl.load(t_row + cols, mask=rest, other=-float("inf")).to(tl.float32)
+        s = tl.load(s_row + cols, mask=rest, other=-float("inf")).to(tl.float32)
+        max_t, total_t = _add_leftovers(t, max_t, sum_t, inv_temp)
+        max_s, total_s = _add_leftovers(s, max_s, sum_s, inv_temp)
         tl.store(tail_row + 0, max_t)
         tl.store(tail_row + 1, total_t)
         tl.store(tail_row + 2, max_s)
@@ -223,8 +225,8 @@ def _tail_grad_step(
 ):  # fmt: skip
     offs = i * BLOCK + tl.arange(0, BLOCK)
     cols = offs - lead
-    s = _load_raw(s_row, offs, cols, n_read, MASKED) * inv_temp
-    grad = tl.exp((s - tail_max) - tail_log) * coef
+    s = _load_raw(s_row, offs, cols, n_read, MASKED)
+    grad = tl.exp((s - tail_max) * inv_temp - tail_log) * coef
     if MASKED:
         grad = tl.where((cols >= 0) & (cols < n_read), grad, 0.0)
         tl.store(g_row + offs, grad.to(g_row.dtype.element_ty), mask=(cols >= 0) & (cols < n_cols))
@@ -237,7 +239,8 @@ def _tail_grad_kernel(
     s_ptr, g_ptr, tail_ptr, coef_ptr, row_stride, n_cols, n_valid_cols, inv_temp,
     ALIGN: tl.constexpr, VEC: tl.constexpr, STAGES: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
-    """grad[c] = coef * exp(s_c - log tail mass) on valid columns, 0 elsewhere and where coef = 0."""
+    """grad[c] = coef * exp(s_c / T - log tail mass) on valid columns, 0 elsewhere and where coef = 0;
+    the tail is [max, log sum exp((s - max) / T)]."""
     row = tl.program_id(0).to(tl.int64)
     coef = tl.load(coef_ptr + row)
     n_read = tl.where(coef != 0, n_valid_cols, 0)
@@ -356,7 +359,8 @@ def tail_grad(
     student: torch.Tensor, tail: torch.Tensor, tail_coef: torch.Tensor, shard: VocabShard, inv_temp: float
 ) -> torch.Tensor:
     """Gradient w.r.t. the student shard from the tail bucket alone (student dtype):
-    tail_coef[row] * exp(s_c - log tail mass) on valid columns, with tail = [max, log sum] per row.
+    tail_coef[row] * exp(s_c / T - log tail mass) on valid columns, with tail = [max, log sum
+    exp((s - max) / T)] per row.
     Top-k columns get a value too; the caller overwrites them."""
     student = _contiguous_rows(student)
     n_rows, n_cols = student.shape

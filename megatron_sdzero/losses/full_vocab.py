@@ -2,17 +2,19 @@
 
 Steps, each small and static (the layout of Megatron-Core's vocab-parallel cross-entropy):
 
-1. local pass: per row and per shard, with s = student/T and t = teacher/T (padding ids -> -inf),
-   m_s = max s, z_s = sum exp(s - m_s), the same for t, and the cross terms
-       c_rev = sum exp(s - m_s) * ((s - m_s) - (t - m_t)),
-       c_fwd = sum exp(t - m_t) * ((t - m_t) - (s - m_s));
-2. all-reduce MAX of (m_s, m_t) over the tensor-parallel group -> global maxima M_s, M_t;
-3. rescale every shard's sums to the global maxima and all-reduce SUM -> Z_s, Z_t, C_rev, C_fwd;
-4. per row: log p = (s - M_s) - log Z_s, log q = (t - M_t) - log Z_t and
+1. local pass: per row and per shard, with x the student and y the teacher logits (padding ids ->
+   -inf), a_x = max x, s = (x - a_x)/T, z_s = sum exp(s), the same for y (a_y, t, z_t), and the cross
+   terms
+       c_rev = sum exp(s) * (s - t),   c_fwd = sum exp(t) * (t - s);
+2. all-reduce MAX of (a_x, a_y) over the tensor-parallel group -> global maxima A_x, A_y;
+3. rescale every shard's sums to the global maxima (factor exp((a_x - A_x)/T)) and all-reduce SUM
+   -> Z_s, Z_t, C_rev, C_fwd;
+4. per row: log p = (x - A_x)/T - log Z_s, log q = (y - A_y)/T - log Z_t and
        KL(p || q) = C_rev / Z_s - log Z_s + log Z_t,   KL(q || p) = C_fwd / Z_t - log Z_t + log Z_s.
-   Everything is kept relative to the row maxima, so logits of size 1e4 lose no precision to
-   cancellation. JSD needs log p and log q inside a logarithm of their mixture, so it does one more
-   pass (sums of p log(p/m) and q log(q/m)) and one more all-reduce.
+   Everything is kept relative to the row maxima, in logit units, and 1/T multiplies differences
+   only: logits of size 1e4 lose no precision to cancellation at any temperature. JSD needs log p
+   and log q inside a logarithm of their mixture, so it does one more pass (sums of p log(p/m) and
+   q log(q/m)) and one more all-reduce.
 
 The gradient pass recomputes log p and log q per row from the global table (one more read of both
 shards) and writes the gradient; it runs in the forward, as soon as the table is known (with TP = 1
@@ -64,19 +66,24 @@ class PassSettings:
     kernels: ModuleType
 
 
-def combine_shard_stats(local: torch.Tensor, shard: VocabShard) -> tuple[torch.Tensor, torch.Tensor]:
-    """Steps 2-3: global (max_s, Z_s, max_t, Z_t) and (C_rev, C_fwd) from every shard's local stats."""
+def combine_shard_stats(
+    local: torch.Tensor, shard: VocabShard, inv_temp: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Steps 2-3: global (max_s, Z_s, max_t, Z_t) and (C_rev, C_fwd) from every shard's local stats
+    (maxima in logit units)."""
     maxima = all_reduce_max_(local[:, [0, 2]].clone(), shard.group)
     max_s, max_t = maxima[:, 0], maxima[:, 1]
     gap_s, gap_t = local[:, 0] - max_s, local[:, 2] - max_t
-    scale_s, scale_t = gap_s.exp(), gap_t.exp()
+    scale_s, scale_t = (gap_s * inv_temp).exp(), (gap_t * inv_temp).exp()
+    # A shard with only -inf logits has max NEG_BIG and sums 0: multiply its sums by the (huge)
+    # shift before 1/T, so that 0 * shift stays 0 instead of 0 * inf.
     shift = gap_s - gap_t
     sums = torch.stack(
         [
             scale_s * local[:, 1],
             scale_t * local[:, 3],
-            scale_s * (local[:, 4] + local[:, 1] * shift),
-            scale_t * (local[:, 5] - local[:, 3] * shift),
+            scale_s * (local[:, 4] + local[:, 1] * shift * inv_temp),
+            scale_t * (local[:, 5] - local[:, 3] * shift * inv_temp),
         ],
         dim=1,
     )
@@ -118,7 +125,7 @@ def _divergence_values(
         need_forward=spec.kind == "kl" and spec.forward_weight > 0.0,
         chunk_tokens=settings.chunk_tokens,
     )  # fmt: skip
-    global_stats, cross = combine_shard_stats(local, shard)
+    global_stats, cross = combine_shard_stats(local, shard, settings.inv_temp)
     table = _table(global_stats)
     if spec.kind == "jsd":
         sums = kernels.jsd_local_sums(
@@ -141,7 +148,7 @@ def _cross_entropy_values(
     local = settings.kernels.local_softmax_stats(
         logits, None, active, settings.shard, 1.0, False, False, settings.chunk_tokens
     )
-    global_stats, _ = combine_shard_stats(local, settings.shard)
+    global_stats, _ = combine_shard_stats(local, settings.shard, 1.0)
     table = _table(global_stats)
     values = table[:, 1] - (label_logit - table[:, 0])
     return _neutralise_inactive(table, values, active), table

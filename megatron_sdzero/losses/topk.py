@@ -10,7 +10,11 @@ Two ways to form distributions over "buckets" from the k ids:
 - with tail (``top_k_tail``): k + 1 buckets, the last one holding all the mass outside the top-k,
   computed directly as a log-sum-exp over the other ids (not as 1 - sum, which cancels).
 
-With bucket logits u_b = log sum_{i in b} exp(s_i), any divergence f of the bucket distributions
+Logits stay in their own units until the buckets are formed: top-k values, gathered student
+logits and the tails' maxima are raw, and 1/T multiplies only differences from a per-row reference
+(the tails are [max, log sum exp((x - max)/T)]), so |x| ~ 1e4 loses no precision at T != 1.
+
+With bucket logits u_b = log sum_{i in b} exp(s_i), s = x/T, any divergence f of the bucket distributions
 has d f / d s_i = exp(s_i - u_b(i)) * d f / d u_b(i): a top-k id's gradient is its bucket gradient,
 and every id in the tail shares the tail bucket's gradient in proportion to its student probability.
 
@@ -35,6 +39,7 @@ from megatron_sdzero.losses._torch_kernels import (
     _load_rows,
     _log_mixture,
     _row_chunks,
+    _scaled_shift,
     _shift_by_max,
     _weighted_sum,
 )
@@ -105,7 +110,8 @@ def _global_top_k(
 def select_teacher_top_k(
     teacher: torch.Tensor, active: torch.Tensor, k: int, settings: PassSettings
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Global top-k ids [tokens, k] of the teacher and its scaled logits there; inactive rows get id 0."""
+    """Global top-k ids [tokens, k] of the teacher and its logits there (float32, unscaled); inactive
+    rows get id 0."""
     shard = settings.shard
     width, local_k = _candidate_widths(k, shard)
     n_rows = teacher.shape[0]
@@ -114,18 +120,18 @@ def select_teacher_top_k(
     for rows in _row_chunks(active, settings.chunk_tokens) if local_k > 0 else ():
         # top-k in the logits' own dtype over the valid columns: no float32 copy of the chunk
         chunk_values, chunk_cols = teacher[rows][:, : shard.valid_columns].topk(local_k, dim=-1)
-        values[rows, :local_k] = chunk_values.to(torch.float32) * settings.inv_temp
+        values[rows, :local_k] = chunk_values.to(torch.float32)
         ids[rows, :local_k] = chunk_cols + shard.start
     top_ids, top_values, _ = _global_top_k(values, ids, k, shard)
     return top_ids, top_values
 
 
 def gather_student_at(student: torch.Tensor, ids: torch.Tensor, settings: PassSettings) -> torch.Tensor:
-    """Scaled student logits at global ids [tokens, k], from whichever rank owns each id."""
+    """Student logits (float32, unscaled) at global ids [tokens, k], from whichever rank owns each id."""
     shard = settings.shard
     owned = shard.owns(ids) & (ids < shard.valid_vocab_size)
     local_cols = (ids - shard.start).clamp(0, shard.size - 1)
-    picked = student.gather(1, local_cols).to(torch.float32) * settings.inv_temp
+    picked = student.gather(1, local_cols).to(torch.float32)
     return all_reduce_max_(torch.where(owned, picked, float("-inf")), shard.group)
 
 
@@ -139,39 +145,41 @@ def _owned_columns(ids: torch.Tensor, shard: VocabShard) -> tuple[torch.Tensor, 
 def _local_tail_stats(
     logits: torch.Tensor, ids: torch.Tensor, active: torch.Tensor, settings: PassSettings
 ) -> torch.Tensor:
-    """Per row over this shard, ids outside the top-k only: [max, sum exp(x - max)]."""
+    """Per row over this shard, ids outside the top-k only: [max x, sum exp((x - max) / T)]."""
     out = torch.zeros(logits.shape[0], 2, dtype=torch.float32, device=logits.device)
     out[:, 0] = NEG_BIG
     for rows in _row_chunks(active, settings.chunk_tokens):
-        chunk = _load_rows(logits, rows, settings.shard, settings.inv_temp)
+        chunk = _load_rows(logits, rows, settings.shard)
         chunk_rows, cols = _owned_columns(ids[rows], settings.shard)
         chunk[chunk_rows, cols] = float("-inf")
-        shifted, row_max = _shift_by_max(chunk)
+        shifted, row_max = _shift_by_max(chunk, settings.inv_temp)
         out[rows, 0], out[rows, 1] = row_max, shifted.exp_().sum(dim=-1)
     return out
 
 
-def _global_tail(local: torch.Tensor, shard: VocabShard) -> torch.Tensor:
-    """Every rank's [max, sum exp(x - max)] combined into the global [max, log sum exp(x - max)]."""
-    global_max = all_reduce_max_(local[:, 0].clone(), shard.group)
-    total = all_reduce_sum_(local[:, 1] * (local[:, 0] - global_max).exp(), shard.group)
+def _global_tail(local: torch.Tensor, settings: PassSettings) -> torch.Tensor:
+    """Every rank's [max, sum exp((x - max) / T)] combined into the global [max, log of that sum]."""
+    group = settings.shard.group
+    global_max = all_reduce_max_(local[:, 0].clone(), group)
+    total = all_reduce_sum_(local[:, 1] * ((local[:, 0] - global_max) * settings.inv_temp).exp(), group)
     return torch.stack([global_max, total.log()], dim=1)
 
 
 def tail_log_sum_exp(
     logits: torch.Tensor, ids: torch.Tensor, active: torch.Tensor, settings: PassSettings
 ) -> torch.Tensor:
-    """Global [max, log sum exp(x - max)] per row over all valid ids outside the top-k."""
-    return _global_tail(_local_tail_stats(logits, ids, active, settings), settings.shard)
+    """Global [max, log sum exp((x - max) / T)] per row over all valid ids outside the top-k."""
+    return _global_tail(_local_tail_stats(logits, ids, active, settings), settings)
 
 
-def _with_terms(stats: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-    """[max, sum exp(x - max)] per row after adding the terms exp(logits) [rows, n] (-inf: none)."""
+def _with_terms(stats: torch.Tensor, logits: torch.Tensor, inv_temp: float) -> torch.Tensor:
+    """[max, sum exp((x - max) / T)] per row after adding the logits [rows, n] (-inf: none)."""
     if logits.shape[1] == 0:
         return stats
     new_max = torch.maximum(stats[:, 0], logits.amax(dim=-1)).clamp(min=NEG_BIG)
-    total = stats[:, 1] * (stats[:, 0] - new_max).exp() + (logits - new_max[:, None]).exp().sum(dim=-1)
-    return torch.stack([new_max, total], dim=1)
+    old_part = stats[:, 1] * ((stats[:, 0] - new_max) * inv_temp).exp()
+    new_part = _scaled_shift(logits.clone(), new_max, inv_temp).exp_().sum(dim=-1)
+    return torch.stack([new_max, old_part + new_part], dim=1)
 
 
 def top_k_kernels(settings: PassSettings, k: int) -> ModuleType | None:
@@ -206,11 +214,11 @@ def _candidates_at(
     teacher: torch.Tensor, columns: torch.Tensor, active: torch.Tensor, width: int, settings: PassSettings
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """This rank's candidates [tokens, width] for the global pick, laid out as on the PyTorch path:
-    scaled teacher logits and global ids at ``columns``, then -inf / id 0 up to ``width``."""
+    teacher logits (unscaled) and global ids at ``columns``, then -inf / id 0 up to ``width``."""
     n_rows, local_k = columns.shape
     values = torch.full((n_rows, width), float("-inf"), dtype=torch.float32, device=teacher.device)
     ids = torch.zeros((n_rows, width), dtype=torch.int64, device=teacher.device)
-    picked = teacher.gather(1, columns).to(torch.float32) * settings.inv_temp
+    picked = teacher.gather(1, columns).to(torch.float32)
     values[:, :local_k] = torch.where(active[:, None], picked, float("-inf"))
     ids[:, :local_k] = columns + settings.shard.start
     return values, ids
@@ -266,10 +274,9 @@ def _tails_with(
     """Global (student, teacher) tails: this shard's tails (``local_tail``, [max, sum] of the teacher
     then of the student) plus the local candidates at ``columns`` that the global pick left out."""
     teacher_rest = torch.where(left_out, teacher_values, float("-inf"))
-    student_rest = student.gather(1, columns).to(torch.float32) * settings.inv_temp
-    student_rest = torch.where(left_out, student_rest, float("-inf"))
-    teacher_tail = _global_tail(_with_terms(local_tail[:, :2], teacher_rest), settings.shard)
-    student_tail = _global_tail(_with_terms(local_tail[:, 2:], student_rest), settings.shard)
+    student_rest = torch.where(left_out, student.gather(1, columns).to(torch.float32), float("-inf"))
+    teacher_tail = _global_tail(_with_terms(local_tail[:, :2], teacher_rest, settings.inv_temp), settings)
+    student_tail = _global_tail(_with_terms(local_tail[:, 2:], student_rest, settings.inv_temp), settings)
     return student_tail, teacher_tail
 
 
@@ -282,8 +289,8 @@ def _select(
     with_tail: bool,
     settings: PassSettings,
 ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
-    """Global top-k ids, the teacher's scaled logits there and, with the tail, the (student,
-    teacher) tails as [max, log sum exp(x - max)] over every other valid id."""
+    """Global top-k ids, the teacher's logits there and, with the tail, the (student, teacher)
+    tails as [max, log sum exp((x - max) / T)] over every other valid id."""
     if kernels is not None:
         return _select_with_kernels(kernels, student, teacher, active, k, with_tail, settings)
     ids, teacher_top = select_teacher_top_k(teacher, active, k, settings)
@@ -293,14 +300,15 @@ def _select(
     return ids, teacher_top, (student_tail, tail_log_sum_exp(teacher, ids, active, settings))
 
 
-def _bucket_logits(top: torch.Tensor, tail: torch.Tensor | None) -> torch.Tensor:
-    """[tokens, k (+1)] bucket logits, shifted by a per-row constant so that no value is large."""
+def _bucket_logits(top: torch.Tensor, tail: torch.Tensor | None, inv_temp: float) -> torch.Tensor:
+    """[tokens, k (+1)] bucket logits of the scaled logits, shifted by a per-row constant so that no
+    value is large: (top - reference) / T, and the tail's (max - reference) / T + log sum."""
     if tail is None:
-        reference = top.amax(dim=-1, keepdim=True).clamp(min=NEG_BIG)
-        return top - reference
-    reference = torch.maximum(top.amax(dim=-1), tail[:, 0]).clamp(min=NEG_BIG)[:, None]
-    tail_logit = (tail[:, :1] - reference) + tail[:, 1:]
-    return torch.cat([top - reference, tail_logit], dim=1)
+        reference = top.amax(dim=-1).clamp(min=NEG_BIG)
+        return _scaled_shift(top.clone(), reference, inv_temp)
+    reference = torch.maximum(top.amax(dim=-1), tail[:, 0]).clamp(min=NEG_BIG)
+    tail_logit = (tail[:, 0] - reference) * inv_temp + tail[:, 1]
+    return torch.cat([_scaled_shift(top.clone(), reference, inv_temp), tail_logit[:, None]], dim=1)
 
 
 class TopKDivergence(torch.autograd.Function):
@@ -314,8 +322,8 @@ class TopKDivergence(torch.autograd.Function):
         ids, teacher_top, tails = _select(kernels, student, teacher, active, k, with_tail, settings)
         student_tail, teacher_tail = tails if with_tail else (None, None)
         student_top = gather_student_at(student, ids, settings)
-        u = _bucket_logits(student_top, student_tail)
-        v = _bucket_logits(teacher_top, teacher_tail)
+        u = _bucket_logits(student_top, student_tail, settings.inv_temp)
+        v = _bucket_logits(teacher_top, teacher_tail, settings.inv_temp)
         u[~active], v[~active] = 0.0, 0.0
         values, bucket_grad = bucket_divergence(u, v, spec)
         values = torch.where(active, values, 0.0)
@@ -361,10 +369,11 @@ def _write_tail_grad(
     tail_coef: torch.Tensor,
     settings: PassSettings,
 ) -> None:
-    """grad[i] = exp(s_i - log tail mass) * tail_coef for every id (top-k ids are overwritten later)."""
+    """grad[i] = exp(x_i / T - log tail mass) * tail_coef for every id (top-k ids are overwritten
+    later); the tail is [max, log sum exp((x - max) / T)]."""
     for rows in _row_chunks(tail_coef != 0, settings.chunk_tokens):
-        chunk = _load_rows(student, rows, settings.shard, settings.inv_temp)
-        share = chunk.sub_(tail[rows, 0, None]).sub_(tail[rows, 1, None]).exp_()
+        chunk = _load_rows(student, rows, settings.shard)
+        share = _scaled_shift(chunk, tail[rows, 0], settings.inv_temp).sub_(tail[rows, 1, None]).exp_()
         grad[rows] = share.mul_(tail_coef[rows, None]).to(grad.dtype)
 
 
