@@ -163,6 +163,38 @@ def test_triton_and_torch_paths_agree_on_gpu() -> None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("kind", ["reverse", "mixed", "jsd", "ce"])
+def test_full_vocabulary_losses_never_wait_for_the_gpu(kind: str) -> None:
+    """Forward and backward (upstream 1 and not) queue work without a host sync, so the GPU never
+    idles while Python prepares the next call (the fused, one-pass and two-kernel paths)."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    logits = torch.randn(64, 1000, device="cuda", generator=gen, dtype=torch.bfloat16)
+    teacher = torch.randn(64, 1000, device="cuda", generator=gen, dtype=torch.bfloat16)
+    labels = torch.randint(0, 990, (64,), device="cuda", generator=gen)
+    mask = (torch.rand(64, device="cuda", generator=gen) > 0.2).float()
+
+    def step(upstream: float) -> None:
+        student = logits.clone().requires_grad_()
+        if kind == "ce":
+            loss, _ = masked_cross_entropy(student, labels, mask, valid_vocab_size=990)
+        else:
+            config = DistillLossConfig(kind=kind, temperature=0.7)
+            loss, _ = distill_loss(student, teacher, mask, config=config, valid_vocab_size=990)
+        (loss * upstream if upstream != 1.0 else loss).backward()
+
+    for upstream in (1.0, 2.5):
+        step(upstream)  # first calls compile kernels (and may build the extension): not checked
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for upstream in (1.0, 2.5):
+            step(upstream)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_top_k_kernels_match_torch_on_gpu() -> None:
     check_top_k_kernels_match_torch("cuda")
 
@@ -274,6 +306,7 @@ for dtype in (torch.float32, torch.bfloat16):
     errors = T.check_cross_entropy(90, 85, "cpu", "triton", dtype)
     assert errors["value"] <= 1.0 and errors["grad"] <= 1.0, errors
 T.check_unfused_kernels_match_torch(_torch_kernels, _triton_kernels)
+T.check_scale_unless_one(_triton_kernels)
 print("INTERPRETER_OK worst", worst)
 """
 
@@ -311,6 +344,21 @@ def check_unfused_kernels_match_torch(torch_kernels, triton_kernels) -> None:
         for k in (torch_kernels, triton_kernels)
     ]
     torch.testing.assert_close(sums[1], sums[0], rtol=1e-5, atol=1e-6)
+
+
+def check_scale_unless_one(triton_kernels) -> None:
+    """The backward's upstream scaling: untouched (bit for bit) when the upstream gradient is 1,
+    else the float32 product rounded to bf16 once (within one bf16 ulp: the interpreter truncates);
+    more elements than the grid covers in one sweep."""
+    gen = torch.Generator().manual_seed(4)
+    grad = (torch.randn(33, 1000, generator=gen) * 3).to(torch.bfloat16)
+    for upstream in (3.0, -0.37):
+        got = triton_kernels.scale_unless_one_(grad.clone(), torch.tensor(upstream))
+        want = grad.double() * upstream
+        assert ((got.double() - want).abs() <= 2.0**-7 * want.abs()).all(), upstream
+    unchanged = grad.clone()
+    assert triton_kernels.scale_unless_one_(unchanged, torch.tensor(1.0)) is unchanged
+    assert torch.equal(unchanged, grad)
 
 
 def _run_in_interpreter(script: str, **env: str) -> None:

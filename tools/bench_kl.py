@@ -51,18 +51,21 @@ GIB = 1024**3
 
 
 def time_cuda(fn: Callable[[], None], warmup: int = 2, iters: int = 8) -> float:
-    """Median wall time of fn in milliseconds, measured with CUDA events."""
+    """Median GPU time of one call of fn in milliseconds, from CUDA events around each call, with
+    the calls queued back to back and one sync at the end. As in training, where the GPU runs
+    behind the Python, a call's CPU overhead counts only where the GPU has to wait for it (a host
+    sync inside fn makes it wait every time). Until 2026-11-23 this synced after every call, which
+    also counted the CPU time before the first kernel of each call."""
     for _ in range(warmup):
         fn()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    events = [tuple(torch.cuda.Event(enable_timing=True) for _ in range(2)) for _ in range(iters)]
+    for start, end in events:
         start.record()
         fn()
         end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    torch.cuda.synchronize()
+    return statistics.median(start.elapsed_time(end) for start, end in events)
 
 
 def peak_memory(fn: Callable[[], None]) -> tuple[float, float]:

@@ -373,6 +373,39 @@ def _fused_loss_grad_kernel(
     )  # fmt: skip
 
 
+@triton.jit
+def _scale_unless_one_kernel(g_ptr, scale_ptr, n, BLOCK: tl.constexpr):
+    """g *= scale in place, in a grid-stride loop; every program returns at once when scale == 1."""
+    scale = tl.load(scale_ptr).to(tl.float32)
+    if scale != 1.0:
+        step = tl.num_programs(0).to(tl.int64) * BLOCK
+        for begin in range(tl.program_id(0).to(tl.int64) * BLOCK, n, step):
+            offs = begin + tl.arange(0, BLOCK)
+            g = tl.load(g_ptr + offs, mask=offs < n)
+            tl.store(g_ptr + offs, (g.to(tl.float32) * scale).to(g_ptr.dtype.element_ty), mask=offs < n)
+
+
+SCALE_BLOCK = 4096
+
+
+def scale_unless_one_(grad: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """grad *= scale (a one-element tensor on grad's device), skipped on the device when scale is
+    exactly 1: no host sync and, for loss.backward(), no pass over the gradient. The grid is a few
+    programs per SM, so the skip costs one small launch whatever the gradient's size."""
+    if not grad.is_contiguous():
+        return grad.mul_(scale.to(torch.float32))
+    n = grad.numel()
+    if n == 0:
+        return grad
+    if grad.is_cuda:
+        programs = 4 * torch.cuda.get_device_properties(grad.device).multi_processor_count
+    else:  # Triton's interpreter
+        programs = 4
+    grid = (max(1, min(programs, triton.cdiv(n, SCALE_BLOCK))),)
+    _scale_unless_one_kernel[grid](grad, scale.reshape(1).to(torch.float32), n, BLOCK=SCALE_BLOCK)
+    return grad
+
+
 def _layout(*tensors: torch.Tensor | None) -> dict:
     """Shared row stride and whether rows may be re-aligned to 16 bytes (same stride and dtype,
     16-byte aligned base pointers): then the kernels read and write with 16-byte vectors."""

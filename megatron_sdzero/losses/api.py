@@ -30,8 +30,9 @@ split over the vocabulary.
 
 Gradient timing (full vocabulary): the gradient w.r.t. the student logits is computed during the
 forward call (when grad mode is on and the student requires grad), right after the statistics, and
-kept until backward; the backward returns it as is when the upstream gradient is exactly 1 (one
-host sync to check) and rescales it in place otherwise. So the student and teacher logits are not
+kept until backward; the backward returns it as is when the upstream gradient is exactly 1 and
+rescales it in place otherwise (on the GPU a kernel makes that check, so the backward never waits
+for the GPU). So the student and teacher logits are not
 needed after the call, and the memory held is one gradient-sized tensor. Top-k modes compute a
 [tokens, k(+1)] bucket gradient in the forward and scatter it in the backward.
 

@@ -109,8 +109,9 @@ def _kl_pair(table: torch.Tensor, cross: torch.Tensor, sum_s: torch.Tensor, sum_
 
 
 def _neutralise_inactive(table: torch.Tensor, values: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
-    """Inactive rows get a finite table and value 0, so nothing downstream can turn into NaN."""
-    table[~active] = 0.0
+    """Inactive rows get a finite table and value 0, so nothing downstream can turn into NaN.
+    (masked_fill_, not table[~active] = 0: boolean indexing waits for the GPU.)"""
+    table.masked_fill_(~active[:, None], 0.0)
     return torch.where(active, values, 0.0)
 
 
@@ -179,9 +180,14 @@ def _in_place_target(student: torch.Tensor, grad_in_place: bool, needs_grad: boo
     return student if grad_in_place and needs_grad and rows_contiguous else None
 
 
-def scale_precomputed_grad(grad: torch.Tensor, grad_loss: torch.Tensor) -> torch.Tensor:
+def scale_precomputed_grad(grad: torch.Tensor, grad_loss: torch.Tensor, kernels: ModuleType) -> torch.Tensor:
     """grad * upstream gradient, skipping the pass over the gradient when the upstream is exactly 1
-    (loss.backward(), Megatron's per-token-loss mode); this check costs one host sync."""
+    (loss.backward(), Megatron's per-token-loss mode). On the GPU the check happens in the kernel
+    (no host sync, which would leave the GPU idle while Python prepares the next call); on the CPU
+    it is a plain comparison."""
+    scale_on_device = getattr(kernels, "scale_unless_one_", None)
+    if grad.is_cuda and scale_on_device is not None:
+        return scale_on_device(grad, grad_loss)
     if bool(grad_loss == 1.0):
         return grad
     return grad.mul_(grad_loss.to(torch.float32))
@@ -226,7 +232,7 @@ class FullVocabLoss(torch.autograd.Function):
                 )  # fmt: skip
         if out is not None:
             torch.autograd.graph.increment_version(out)
-        ctx.precomputed_grad = grad
+        ctx.precomputed_grad, ctx.kernels = grad, settings.kernels
         ctx.mark_non_differentiable(values)
         return (values * row_coef).sum(), values
 
@@ -236,7 +242,7 @@ class FullVocabLoss(torch.autograd.Function):
         grad, ctx.precomputed_grad = ctx.precomputed_grad, None
         if grad is None:
             raise RuntimeError("distill_loss / masked_cross_entropy ran without grad mode; cannot backward")
-        return scale_precomputed_grad(grad, grad_loss), None, None, None, None, None, None, None
+        return scale_precomputed_grad(grad, grad_loss, ctx.kernels), None, None, None, None, None, None, None
 
 
 def row_coefficients(grad_values: torch.Tensor, active: torch.Tensor, inv_temp: float) -> torch.Tensor:
