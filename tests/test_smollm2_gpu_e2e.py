@@ -104,13 +104,14 @@ def test_the_script_is_shellcheck_clean() -> None:
     assert result.returncode == 0, result.stdout
 
 
-def _script(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+def _script(tmp_path: Path, *args: str, **extra_env: str) -> subprocess.CompletedProcess:
     env = {
         **{k: v for k, v in os.environ.items() if k not in ("GGUF", "E2E_TINY", "OUT")},
         "PYTHON": sys.executable,
         "E2E_WORK": str(tmp_path / "work"),
         "MODEL_DIR": str(tmp_path / "model"),
         "OUT": str(tmp_path / "out"),
+        **extra_env,
     }
     return subprocess.run(["bash", str(SCRIPT), *args], env=env, capture_output=True, text=True)
 
@@ -132,6 +133,21 @@ def test_the_script_skips_finished_phases_and_copies_their_results(tmp_path: Pat
     copied = {p.name for p in (tmp_path / "out").iterdir()}
     assert {"setup.hf_config.json", "srt.prepare_summary.json", "sft.stage2.finished.json"} <= copied
     assert "eval.report.json" in copied
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_the_ranks_phase_resolves_its_configuration(tmp_path: Path, tp: int) -> None:
+    """distill-ranks without the SRT model starts from the converted base model on purpose; with
+    E2E_DRY_RUN=1 it only prints the configuration, so the phase is not complete (exit 3)."""
+    mcore = tmp_path / "work" / "models" / "smollm2_135m_mcore" / "latest_checkpointed_iteration.txt"
+    mcore.parent.mkdir(parents=True)
+    mcore.write_text("release")
+    result = _script(tmp_path, "distill-ranks", E2E_DRY_RUN="1", E2E_TP=str(tp))
+    assert result.returncode == 3, result.stdout + result.stderr
+    for expected in (f"tp: {tp}", "start_is_srt: false", "train_iters: 4", "mode: memory",
+                     f"smollm2_gpu_ranks2_tp{tp}"):  # fmt: skip
+        assert expected in result.stdout, expected
+    assert "not complete yet" in result.stdout
 
 
 def test_the_script_refuses_unknown_phases_and_a_missing_gguf(tmp_path: Path) -> None:

@@ -10,7 +10,9 @@
 #   bash tools/gpu_e2e_smollm2.sh distill-memory   # the same with refresh.mode=memory
 #   bash tools/gpu_e2e_smollm2.sh eval             # export the disk run's student, sdzero eval in vLLM
 #   bash tools/gpu_e2e_smollm2.sh summarize        # tools/summarize_distill.py over both runs
-#   bash tools/gpu_e2e_smollm2.sh all GGUF         # every phase in order (several phases may be named)
+#   bash tools/gpu_e2e_smollm2.sh all GGUF         # every phase above in order (several may be named)
+#   E2E_NPROC=2 E2E_TP=2 bash tools/gpu_e2e_smollm2.sh setup distill-ranks GGUF
+#                                                  # Phase 2 with several ranks (not part of `all`)
 #
 # A phase whose output is complete is skipped, so phases can run one per command under a time
 # limit: sft and distill save and exit after E2E_MINUTES, and the same command resumes them. Each
@@ -23,8 +25,17 @@
 # SmolLM2: CPU checks of the script); SRT_OVERRIDES, SFT_OVERRIDES, DISTILL_OVERRIDES,
 # EVAL_OVERRIDES (key=value words appended to that phase's commands, e.g.
 # DISTILL_OVERRIDES="rollout.enable_sleep_mode=false"). Relative paths are taken from the
-# repository root. The package need not be installed: PYTHONPATH is the repository root. Distillation runs as slurm/distill.sbatch runs it: torchrun,
-# one rank, vLLM's engine core inside that rank (VLLM_ENABLE_V1_MULTIPROCESSING=0).
+# repository root. The package need not be installed: PYTHONPATH is the repository root.
+# Distillation runs as slurm/distill.sbatch runs it: torchrun, one rank, vLLM's engine core inside
+# that rank (VLLM_ENABLE_V1_MULTIPROCESSING=0).
+#
+# distill-ranks: torchrun with E2E_NPROC ranks (2) at tensor parallelism E2E_TP (1), each
+# data-parallel replica with its own engine core in its own process on its TP-rank-0 GPU (the
+# multi-rank placement of rollout/vllm_engine.py); E2E_RANKS_STEPS steps (4), refresh
+# E2E_RANKS_REFRESH (memory), into $WORK/distill/smollm2_gpu_ranks<N>_tp<TP>. It starts from the
+# SRT model when the sft phase has finished, else from the converted base model
+# (student.start_is_srt=false): this phase checks the machinery on several GPUs, not the method.
+# E2E_DRY_RUN=1 only prints the configuration it would run.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -47,6 +58,9 @@ SFT_RECIPE=examples/sft_smollm2_gpu.yaml
 DISTILL_RECIPE=examples/distill_smollm2_gpu.yaml
 EVAL_RECIPE=examples/eval_smollm2_gpu.yaml
 PHASES=(setup srt sft distill-disk distill-memory eval summarize)
+NPROC=${E2E_NPROC:-2}
+TP=${E2E_TP:-1}
+RANKS_RUN=$WORK/distill/smollm2_gpu_ranks${NPROC}_tp${TP}
 
 export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1
@@ -86,10 +100,24 @@ distill_args() {  # distill_args RUN_DIR MODE: the overrides of one distillation
     "${DISTILL_EXTRA[@]}"
 }
 
+ranks_args() {  # the overrides of the distill-ranks run
+  if [[ -f $SFT_DIR/stage2/sft_finished.json ]]; then
+    echo "student.checkpoint=$SFT_DIR/stage2"
+  else
+    printf '%s\n' "student.checkpoint=$MCORE" student.start_is_srt=false
+  fi
+  printf '%s\n' "checkpoint.save=$RANKS_RUN" "refresh.mode=${E2E_RANKS_REFRESH:-memory}" "parallel.tp=$TP" \
+    "train.train_iters=${E2E_RANKS_STEPS:-4}" "${DISTILL_EXTRA[@]}"
+}
+
 distill_finished() {  # distill_finished RUN_DIR MODE: has the run made all its steps?
   local -a args
   mapfile -t args < <(distill_args "$1" "$2")
-  "$PYTHON" - "$DISTILL_RECIPE" "${args[@]}" <<'PY'
+  finished_with "${args[@]}"
+}
+
+finished_with() {  # finished_with OVERRIDE...: has the distillation run they describe made all its steps?
+  "$PYTHON" - "$DISTILL_RECIPE" "$@" <<'PY'
 import sys
 
 from megatron_sdzero.config import load_config
@@ -113,6 +141,20 @@ distill() {  # distill RUN_DIR MODE
     "$PYTHON" -m torch.distributed.run --standalone --nproc-per-node 1 \
     -m megatron_sdzero.cli distill --config "$DISTILL_RECIPE" \
     "train.exit_duration_minutes=$MINUTES" "${args[@]}"
+}
+
+distill_ranks() {
+  local -a args
+  mapfile -t args < <(ranks_args)
+  log "\$ torchrun ($NPROC ranks) sdzero distill --config $DISTILL_RECIPE ${args[*]}"
+  if [[ ${E2E_DRY_RUN:-0} == 1 ]]; then  # resolve and print the configuration only (CPU tests)
+    "$PYTHON" -m megatron_sdzero.cli distill --config "$DISTILL_RECIPE" "${args[@]}" --dry-run
+    return
+  fi
+  # VLLM_ENABLE_V1_MULTIPROCESSING is left alone: with several ranks the engine cores need their own
+  # processes, and the run refuses =0 with a message saying so.
+  CUDA_DEVICE_MAX_CONNECTIONS=1 "$PYTHON" -m torch.distributed.run --standalone --nproc-per-node "$NPROC" \
+    -m megatron_sdzero.cli distill --config "$DISTILL_RECIPE" "train.exit_duration_minutes=$MINUTES" "${args[@]}"
 }
 
 # --- phases: is_done_<name>, phase_<name>, keep_<name> ---------------------------------------------
@@ -197,6 +239,22 @@ keep_distill_memory() {
   keep "$MEMORY_RUN/eval_scores.json" distill-memory.eval_scores.json
 }
 
+is_done_distill_ranks() {
+  local -a args
+  mapfile -t args < <(ranks_args)
+  finished_with "${args[@]}"
+}
+
+phase_distill_ranks() {
+  [[ -f $MCORE/latest_checkpointed_iteration.txt ]] || die "distill-ranks: run the setup phase first"
+  distill_ranks
+}
+
+keep_distill_ranks() {
+  keep "$RANKS_RUN/metrics.jsonl" "distill-ranks${NPROC}-tp${TP}.metrics.jsonl"
+  keep "$RANKS_RUN/eval_scores.json" "distill-ranks${NPROC}-tp${TP}.eval_scores.json"
+}
+
 is_done_eval() {
   [[ -f $EVAL_REPORT ]]
 }
@@ -262,7 +320,7 @@ run_phase() {  # run_phase PHASE: skip, or run it (errexit inside, output teed) 
 }
 
 usage() {
-  echo "usage: bash tools/gpu_e2e_smollm2.sh PHASE... [SmolLM2.gguf]   PHASE: ${PHASES[*]} all"
+  echo "usage: bash tools/gpu_e2e_smollm2.sh PHASE... [SmolLM2.gguf]   PHASE: ${PHASES[*]} distill-ranks all"
 }
 
 main() {
@@ -272,7 +330,7 @@ main() {
     case $arg in
       *.gguf) GGUF=$arg ;;
       all) phases+=("${PHASES[@]}") ;;
-      setup | srt | sft | distill-disk | distill-memory | eval | summarize) phases+=("$arg") ;;
+      setup | srt | sft | distill-disk | distill-memory | distill-ranks | eval | summarize) phases+=("$arg") ;;
       -h | --help) usage; return 0 ;;
       *) usage >&2; die "unknown phase: $arg" ;;
     esac
