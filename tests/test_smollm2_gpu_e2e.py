@@ -150,6 +150,40 @@ def test_the_ranks_phase_resolves_its_configuration(tmp_path: Path, tp: int) -> 
     assert "not complete yet" in result.stdout
 
 
+# The tiny CPU stand-ins for the GPU recipe's sizes: the HF engine, float32, short responses.
+TINY_DISTILL = (
+    "rollout.engine=hf rollout.threads=1 rollout.batch_size=8 rollout.max_model_len=512"
+    " student.model.params_dtype=float32 sampling.max_tokens=16 eval.sampling.max_tokens=16"
+    " problems.arithmetic.n=32 eval.problems.arithmetic.n=4 reward.math.num_workers=1"
+    " train.micro_batch_size=4 train.global_batch_size=8 batch.student_max_tokens=256"
+    " batch.teacher_budget=512 refresh.probe.atol=1e-4"
+)
+
+
+@pytest.fixture(scope="module")
+def tiny_setup(tmp_path_factory) -> Path:
+    tmp_path = tmp_path_factory.mktemp("ranks")
+    result = _script(tmp_path, "setup", E2E_TINY="1", CONVERT_DTYPE="float32")
+    assert result.returncode == 0, result.stdout + result.stderr
+    return tmp_path
+
+
+@pytest.mark.parametrize(("tp", "refresh"), [(1, "memory"), (2, "disk")])
+def test_the_ranks_phase_runs_the_loop_on_two_cpu_ranks(tiny_setup: Path, tp: int, refresh: str) -> None:
+    """torchrun with 2 gloo ranks: data parallel (each rank its own engine) or TP = 2 (one engine,
+    rollouts broadcast), the tiny model standing in for SmolLM2; the phase then counts as done."""
+    env = {"E2E_TP": str(tp), "E2E_RANKS_REFRESH": refresh, "E2E_RANKS_STEPS": "2", "OMP_NUM_THREADS": "1"}
+    result = _script(tiny_setup, "distill-ranks", DISTILL_OVERRIDES=TINY_DISTILL, **env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    run = tiny_setup / "work" / "distill" / f"smollm2_gpu_ranks2_tp{tp}"
+    steps = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [step["iteration"] for step in steps] == [1, 2]
+    assert all(step["refresh_probe_max_diff"] < 1e-4 and step["loss_tokens"] > 0 for step in steps)
+    assert (tiny_setup / "out" / f"distill-ranks2-tp{tp}.metrics.jsonl").exists()
+    again = _script(tiny_setup, "distill-ranks", DISTILL_OVERRIDES=TINY_DISTILL, **env)
+    assert again.returncode == 0 and "complete, skipped" in again.stdout
+
+
 def test_the_script_refuses_unknown_phases_and_a_missing_gguf(tmp_path: Path) -> None:
     assert _script(tmp_path).returncode == 2
     assert "unknown phase" in _script(tmp_path, "distill").stderr
