@@ -109,6 +109,8 @@ def _gpu_cases() -> list[Case]:
                 # float32 logits near 1e4 (bf16 could not hold their spread): x/T must not be rounded
                 ("fp32-offset-T0.7", {"offset": 1e4}),
             ):
+                if tag == "fp32-offset-T0.7" and config.top_k is not None:
+                    continue  # float32 steps near 1e4 (~0.001) make ties at a top-64 cut of 151936 likely
                 if tag.endswith("T0.7"):
                     config = DistillLossConfig(**{**config.__dict__, "temperature": 0.7})
                 name = f"{config.kind}-top{config.top_k}{'-tail' if config.top_k_tail else ''}-{vocab}-{tag}"
