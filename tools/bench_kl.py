@@ -28,6 +28,7 @@ import json
 import os
 import statistics
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -66,6 +67,19 @@ def time_cuda(fn: Callable[[], None], warmup: int = 2, iters: int = 8) -> float:
         end.record()
     torch.cuda.synchronize()
     return statistics.median(start.elapsed_time(end) for start, end in events)
+
+
+def host_ms(fn: Callable[[], None], iters: int = 8) -> float:
+    """Host (Python) milliseconds per call of fn, calls back to back without a sync: below the GPU
+    time, the GPU never waits for the CPU; about equal, fn waits for the GPU (a host sync) or the
+    CPU is the bottleneck."""
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    elapsed = time.perf_counter() - start
+    torch.cuda.synchronize()
+    return elapsed / iters * 1e3
 
 
 def peak_memory(fn: Callable[[], None]) -> tuple[float, float]:
@@ -116,12 +130,13 @@ def measure(step: Callable[[], None], student: torch.Tensor) -> dict:
     try:
         peak, extra = peak_memory(step)
         ms = time_cuda(step)
+        host = host_ms(step)
     except torch.OutOfMemoryError:
         student.grad = None
         torch.cuda.empty_cache()
-        return {"ms": None, "peak_gib": None, "extra_gib": None, "oom": True}
+        return {"ms": None, "host_ms": None, "peak_gib": None, "extra_gib": None, "oom": True}
     student.grad = None
-    return {"ms": ms, "peak_gib": peak, "extra_gib": extra, "oom": False}
+    return {"ms": ms, "host_ms": host, "peak_gib": peak, "extra_gib": extra, "oom": False}
 
 
 class unfused_path:
@@ -156,7 +171,7 @@ class onepass_mode:
 
 
 def not_run(reason: str) -> dict:
-    return {"ms": None, "peak_gib": None, "extra_gib": None, "oom": False, "skipped": reason}
+    return {"ms": None, "host_ms": None, "peak_gib": None, "extra_gib": None, "oom": False, "skipped": reason}
 
 
 def bench_onepass(student, teacher, loss_mask, config) -> tuple[dict, dict, str | None]:
@@ -210,7 +225,10 @@ def print_row(row: dict) -> None:
             return f"not run ({result['skipped']})"
         if result["oom"]:
             return "OOM"
-        return f"{result['ms']:8.2f} ms  peak {result['peak_gib']:6.2f} GiB (+{result['extra_gib']:5.2f})"
+        return (
+            f"{result['ms']:8.2f} ms (host {result['host_ms']:.2f})"
+            f"  peak {result['peak_gib']:6.2f} GiB (+{result['extra_gib']:5.2f})"
+        )
 
     onepass_ratio = f" = {row['onepass_over_floor']:.2f}x floor" if row["onepass_over_floor"] else ""
     print(
@@ -251,7 +269,8 @@ def bench_kinds(tokens: int, vocab: int) -> list[dict]:
     ce_step = fwd_bwd(lambda: masked_cross_entropy(student, labels, loss_mask)[0], student)
     rows.append({"kind": "cross-entropy (SFT)", **measure(ce_step, student)})
     for row in rows:
-        print(f"  {row['kind']:28s} {row['ms']:8.2f} ms  peak {row['peak_gib']:6.2f} GiB", flush=True)
+        timing = f"{row['ms']:8.2f} ms (host {row['host_ms']:.2f})"
+        print(f"  {row['kind']:28s} {timing}  peak {row['peak_gib']:6.2f} GiB", flush=True)
     return rows
 
 
