@@ -100,7 +100,7 @@ def _assert_ok(errors: dict[str, float], label: str) -> None:
 def _gpu_cases() -> list[Case]:
     cases = []
     for vocab, valid in ((151936, 151669), (100278, 100278)):
-        for config in KINDS:
+        for kind_config in KINDS:
             bf16 = {"student_dtype": torch.bfloat16, "teacher_dtype": torch.bfloat16}
             for tag, extra in (
                 ("bf16", bf16),
@@ -109,10 +109,10 @@ def _gpu_cases() -> list[Case]:
                 # float32 logits near 1e4 (bf16 could not hold their spread): x/T must not be rounded
                 ("fp32-offset-T0.7", {"offset": 1e4}),
             ):
-                if tag == "fp32-offset-T0.7" and config.top_k is not None:
+                if tag == "fp32-offset-T0.7" and kind_config.top_k is not None:
                     continue  # float32 steps near 1e4 (~0.001) make ties at a top-64 cut of 151936 likely
-                if tag.endswith("T0.7"):
-                    config = DistillLossConfig(**{**config.__dict__, "temperature": 0.7})
+                temperature = 0.7 if tag.endswith("T0.7") else 1.0
+                config = DistillLossConfig(**{**kind_config.__dict__, "temperature": temperature})
                 name = f"{config.kind}-top{config.top_k}{'-tail' if config.top_k_tail else ''}-{vocab}-{tag}"
                 cases.append(
                     Case(name=name, config=config, seq=16, batch=4, vocab=vocab, valid_vocab=valid, **extra)
