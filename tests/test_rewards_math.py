@@ -87,7 +87,7 @@ def test_pathological_answers_score_zero_in_time_and_the_pool_survives(reward):
         "\\boxed{" + "{" * 100_000,
         "q" * 1_000_000,
         "{" * 1_000_000,
-        # seeded: about 1 in 40 random 64 KiB strings happens to parse as something equal to 1
+        # seeded: some random 64 KiB strings parse as something equal to the gold 1 (one did in CI)
         random.Random(0).randbytes(1 << 16),
         b"\xff\xfe\x80\x81 \\boxed{\xc3\x28} \xed\xa0\x80",
     ]
