@@ -51,35 +51,32 @@ GIB = 1024**3
 # ---------------------------------------------------------------- measurement helpers
 
 
-def time_cuda(fn: Callable[[], None], warmup: int = 2, iters: int = 8) -> float:
-    """Median GPU time of one call of fn in milliseconds, from CUDA events around each call, with
-    the calls queued back to back and one sync at the end. As in training, where the GPU runs
-    behind the Python, a call's CPU overhead counts only where the GPU has to wait for it (a host
-    sync inside fn makes it wait every time). Until 2026-11-23 this synced after every call, which
-    also counted the CPU time before the first kernel of each call."""
+def time_calls(fn: Callable[[], None], warmup: int = 2, iters: int = 8) -> tuple[float, float]:
+    """(GPU ms, host ms) per call of fn, with the calls queued back to back and one sync at the end.
+
+    GPU ms: the median over CUDA events around each call. As in training, where the GPU runs behind
+    the Python, a call's CPU overhead counts only where the GPU has to wait for it (a host sync
+    inside fn makes it wait every time). Until 2026-11-23 this synced after every call, which also
+    counted the CPU time before the first kernel of each call. Host ms: the Python time per call;
+    well below the GPU time, the GPU never waits for the CPU.
+    """
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
     events = [tuple(torch.cuda.Event(enable_timing=True) for _ in range(2)) for _ in range(iters)]
+    host_start = time.perf_counter()
     for start, end in events:
         start.record()
         fn()
         end.record()
+    host_ms = (time.perf_counter() - host_start) / iters * 1e3
     torch.cuda.synchronize()
-    return statistics.median(start.elapsed_time(end) for start, end in events)
+    return statistics.median(start.elapsed_time(end) for start, end in events), host_ms
 
 
-def host_ms(fn: Callable[[], None], iters: int = 8) -> float:
-    """Host (Python) milliseconds per call of fn, calls back to back without a sync: below the GPU
-    time, the GPU never waits for the CPU; about equal, fn waits for the GPU (a host sync) or the
-    CPU is the bottleneck."""
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(iters):
-        fn()
-    elapsed = time.perf_counter() - start
-    torch.cuda.synchronize()
-    return elapsed / iters * 1e3
+def time_cuda(fn: Callable[[], None], warmup: int = 2, iters: int = 8) -> float:
+    """Median GPU ms per call of fn (see ``time_calls``)."""
+    return time_calls(fn, warmup, iters)[0]
 
 
 def peak_memory(fn: Callable[[], None]) -> tuple[float, float]:
@@ -129,8 +126,7 @@ def fwd_bwd(loss_fn: Callable[[], torch.Tensor], student: torch.Tensor) -> Calla
 def measure(step: Callable[[], None], student: torch.Tensor) -> dict:
     try:
         peak, extra = peak_memory(step)
-        ms = time_cuda(step)
-        host = host_ms(step)
+        ms, host = time_calls(step)
     except torch.OutOfMemoryError:
         student.grad = None
         torch.cuda.empty_cache()
