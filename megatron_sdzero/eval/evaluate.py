@@ -7,7 +7,6 @@ and two evaluations of different weights differ by the weights, not by the dice.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
@@ -16,6 +15,7 @@ from megatron_sdzero.data.formatting import ChatFormat, PromptConfig, build_mess
 from megatron_sdzero.data.problems import Problem
 from megatron_sdzero.eval.metrics import benchmark_scores
 from megatron_sdzero.rollout.base import RolloutEngine, SamplingParams, mix_seed
+from megatron_sdzero.rollout.sampling import SampledGroup, SampleRequest, sample_and_grade
 
 
 @dataclass
@@ -77,42 +77,42 @@ def evaluate(
     sampling: SamplingParams,
     options: EvalOptions,
     prompt: PromptConfig | None = None,
+    token_limit: int | None = None,
 ) -> EvalReport:
-    """avg@k and pass@k of the engine's current weights on ``problems``."""
+    """avg@k and pass@k of the engine's current weights on ``problems``.
+
+    ``token_limit``: prompt + response tokens (the engine's max_model_len); a problem whose prompt
+    leaves no room scores 0 on all k samples.
+    """
     if not problems:
         raise ValueError("evaluate: no problems")
     results: list[ProblemResult] = []
     tokens, generation_s, grading_s = 0, 0.0, 0.0
-    stop_ids = tuple(sorted(set(sampling.stop_token_ids) | fmt.stop_ids))
+    params = replace(sampling, n=options.k, logprobs=False)
     for start in range(0, len(problems), options.batch_size):
         batch = problems[start : start + options.batch_size]
-        prompts = [fmt.prompt_ids(build_messages(p.text, p.mode, prompt)) for p in batch]
-        params = [_params(sampling, options, p, stop_ids) for p in batch]
-        began = time.perf_counter()
-        outputs = engine.generate(prompts, params)
-        generation_s += time.perf_counter() - began
-        texts = [c.text for completions in outputs for c in completions]
-        answers = [p.reference for p in batch for _ in range(options.k)]
-        graded = grader.grade_batch(texts, answers)
-        grading_s += graded.seconds
-        scores = iter(graded.scores)
-        for problem, completions in zip(batch, outputs, strict=True):
-            results.append(_problem_result(problem, completions, [next(scores) for _ in completions]))
-            tokens += sum(len(c.token_ids) for c in completions)
+        requests = [
+            SampleRequest(
+                fmt.prompt_ids(build_messages(p.text, p.mode, prompt)), p.reference,
+                mix_seed("eval", options.seed, p.id), p.id,
+            )
+            for p in batch
+        ]  # fmt: skip
+        sampled = sample_and_grade(engine, grader, fmt, requests, params, token_limit=token_limit)
+        generation_s += sampled.generation_s
+        grading_s += sampled.grading_s
+        tokens += sampled.tokens_generated
+        results.extend(_problem_result(g, options.k) for g in sampled.groups)
     scores = benchmark_scores([r.correct for r in results], options.k, options.pass_at)
     return EvalReport(scores, results, tokens, generation_s, grading_s)
 
 
-def _params(sampling: SamplingParams, options: EvalOptions, problem: Problem, stop_ids) -> SamplingParams:
-    seed = mix_seed("eval", options.seed, problem.id)
-    return replace(sampling, n=options.k, seed=seed, stop_token_ids=stop_ids, logprobs=False)
-
-
-def _problem_result(problem: Problem, completions, scores: list[float]) -> ProblemResult:
+def _problem_result(group: SampledGroup, k: int) -> ProblemResult:
+    samples = group.samples or []
     return ProblemResult(
-        id=problem.id,
-        samples=len(completions),
-        correct=sum(score > 0.5 for score in scores),
-        mean_tokens=sum(len(c.token_ids) for c in completions) / max(1, len(completions)),
-        cut_off=sum(c.finish_reason == "length" for c in completions),
+        id=group.request.problem_id,
+        samples=len(samples) if group.samples is not None else k,
+        correct=sum(s.correct for s in samples),
+        mean_tokens=sum(len(s.completion.token_ids) for s in samples) / max(1, len(samples)),
+        cut_off=sum(s.completion.finish_reason == "length" for s in samples),
     )

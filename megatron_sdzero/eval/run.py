@@ -77,7 +77,7 @@ def run_eval(config: EvalConfig, engine: Any = None) -> dict[str, Any]:
         with build_reward(config.reward) as grader:
             report = evaluate(
                 problems, engine, grader, ChatFormat(engine.tokenizer), config.sampling, config.eval,
-                config.prompt,
+                config.prompt, token_limit=config.rollout.max_model_len,
             )  # fmt: skip
     finally:
         if owned:

@@ -8,22 +8,15 @@ problem id, i), so a resumed run draws exactly what an uninterrupted one would h
 from __future__ import annotations
 
 import dataclasses
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
 
 from megatron_sdzero.data.formatting import ChatFormat, ControlPhrases, PromptConfig, build_messages
 from megatron_sdzero.data.problems import Problem
-from megatron_sdzero.rollout.base import Completion, RolloutEngine, SamplingParams, mix_seed
+from megatron_sdzero.rollout.base import RolloutEngine, SamplingParams, mix_seed
+from megatron_sdzero.rollout.sampling import GradedSample, Grader, SampleRequest, sample_and_grade
 from megatron_sdzero.srt.store import Counters
-
-
-class Grader(Protocol):
-    """What the collector needs of a reward (megatron_sdzero.rewards.Reward has it)."""
-
-    def grade_batch(self, responses: Sequence[str], answers: Sequence[Any]) -> Any: ...
 
 
 @dataclass
@@ -58,16 +51,6 @@ class BatchOutput:
 
 
 @dataclass
-class Graded:
-    completion: Completion
-    result: Any  # rewards.RewardResult: .score, .reason, .extracted
-
-    @property
-    def correct(self) -> bool:
-        return self.result.score > 0.5
-
-
-@dataclass
 class Request:
     """A prompt to sample; for a revision, also the y_init it revises and the phrase used."""
 
@@ -75,14 +58,14 @@ class Request:
     prompt: list[int]
     seed: int
     init_index: int | None = None
-    y_init: Graded | None = None
+    y_init: GradedSample | None = None
     phrase: str | None = None
 
 
 @dataclass
 class Answered:
     request: Request
-    samples: list[Graded] | None  # None: the prompt leaves no room under max_model_len
+    samples: list[GradedSample] | None  # None: the prompt leaves no room under max_model_len
 
 
 class Collector:
@@ -100,7 +83,6 @@ class Collector:
         self.engine, self.grader, self.fmt, self.phrases = engine, grader, fmt, phrases
         self.sampling, self.collect, self.prompt = sampling, collect, prompt
         self.max_model_len = max_model_len
-        self.stop_ids = tuple(sorted(set(sampling.stop_token_ids) | fmt.stop_ids))
 
     def run_batch(self, problems: Sequence[Problem]) -> BatchOutput:
         counters = Counters(problems=len(problems), batches=1)
@@ -129,11 +111,11 @@ class Collector:
         prompt = self.fmt.prompt_ids(build_messages(problem.text, problem.mode, self.prompt))
         return Request(problem, prompt, mix_seed(self.collect.seed, problem.id, "init"))
 
-    def _revisable(self, answered: Answered) -> list[tuple[int, Graded]]:
+    def _revisable(self, answered: Answered) -> list[tuple[int, GradedSample]]:
         samples = enumerate(answered.samples or ())
         return [(i, y) for i, y in samples if self.collect.revise_correct or not y.correct]
 
-    def _revision_request(self, first: Request, index: int, y_init: Graded) -> Request:
+    def _revision_request(self, first: Request, index: int, y_init: GradedSample) -> Request:
         phrase = self.phrases.for_reward(y_init.result.score)
         prompt = self.fmt.revision_prompt(first.prompt, y_init.completion.token_ids, phrase)
         seed = mix_seed(self.collect.seed, first.problem.id, "revise", index)
@@ -141,48 +123,18 @@ class Collector:
 
     def _answer(self, requests: list[Request], n: int, counters: Counters) -> list[Answered]:
         """Sample n completions per request and grade them all in one call."""
-        params = [self._params(r.prompt, r.seed, n) for r in requests]
-        live = [k for k, p in enumerate(params) if p is not None]
-        counters.skipped_prompts += len(requests) - len(live)
-        started = time.monotonic()
-        outputs = (
-            self.engine.generate([requests[k].prompt for k in live], [params[k] for k in live])
-            if live
-            else []
-        )
-        counters.generation_s += time.monotonic() - started
-        flat = [
-            (requests[k].problem, c)
-            for k, completions in zip(live, outputs, strict=True)
-            for c in completions
-        ]
-        counters.tokens_generated += sum(len(c.token_ids) for _, c in flat)
-        started = time.monotonic()
-        results = self._grade(flat)
-        counters.grading_s += time.monotonic() - started
-        answered = [Answered(r, None) for r in requests]
-        cursor = 0
-        for k, completions in zip(live, outputs, strict=True):
-            graded = [Graded(c, results[cursor + j]) for j, c in enumerate(completions)]
-            answered[k].samples, cursor = graded, cursor + len(completions)
-        return answered
+        sampled = sample_and_grade(
+            self.engine, self.grader, self.fmt,
+            [SampleRequest(r.prompt, r.problem.reference, r.seed, r.problem.id) for r in requests],
+            dataclasses.replace(self.sampling, n=n), token_limit=self.max_model_len,
+        )  # fmt: skip
+        counters.skipped_prompts += sampled.skipped
+        counters.generation_s += sampled.generation_s
+        counters.grading_s += sampled.grading_s
+        counters.tokens_generated += sampled.tokens_generated
+        return [Answered(r, g.samples) for r, g in zip(requests, sampled.groups, strict=True)]
 
-    def _grade(self, flat: list[tuple[Problem, Completion]]) -> list[Any]:
-        if not flat:
-            return []
-        batch = self.grader.grade_batch([c.text for _, c in flat], [p.reference for p, _ in flat])
-        return list(batch.results)
-
-    def _params(self, prompt: Sequence[int], seed: int, n: int) -> SamplingParams | None:
-        room = self.max_model_len - len(prompt)
-        if room < 1:
-            return None
-        max_tokens = min(self.sampling.max_tokens, room)
-        return dataclasses.replace(
-            self.sampling, n=n, seed=seed, max_tokens=max_tokens, stop_token_ids=self.stop_ids
-        )
-
-    def _tuple(self, request: Request, revision_index: int, y_rev: Graded) -> dict:
+    def _tuple(self, request: Request, revision_index: int, y_rev: GradedSample) -> dict:
         problem, y_init = request.problem, request.y_init
         return {
             "problem_id": problem.id,
@@ -220,7 +172,7 @@ def _attempt_records(answered: Answered) -> list[dict]:
     return [_attempt(request, stage, j, y) for j, y in enumerate(answered.samples)]
 
 
-def _attempt(request: Request, stage: str, j: int, y: Graded) -> dict:
+def _attempt(request: Request, stage: str, j: int, y: GradedSample) -> dict:
     revising = stage == "revision"
     return {
         "problem_id": request.problem.id,
