@@ -1,21 +1,22 @@
-"""The training loop: step, log, save every N iterations, save and leave on an exit request.
-
-It knows nothing about SFT: a ``BatchSource`` hands it each iteration's micro-batches and the
-numbers the log line needs, and ``save(iteration, loop_state)`` writes a checkpoint.
+"""Supervised training as a :class:`~megatron_sdzero.training.trainer.TrainModule`: the case with no
+rollouts. A ``BatchSource`` hands it each iteration's micro-batches and the numbers the log line
+needs, and ``save(iteration, loop_state)`` writes a checkpoint; the cycle is the trainer's.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from megatron_sdzero.training.config import TrainConfig
 from megatron_sdzero.training.logging import StepLogger
 from megatron_sdzero.training.setup import Trainable
 from megatron_sdzero.training.signals import ExitRequest
-from megatron_sdzero.training.step import NonFiniteStepError, StepResult, train_step
+from megatron_sdzero.training.step import StepResult, train_step
+from megatron_sdzero.training.trainer import LoopResult, Schedule, StepOutcome, Trainer
+
+__all__ = ["BatchSource", "BatchStats", "LoopResult", "StepShape", "SupervisedModule", "run_training"]
 
 
 @dataclass
@@ -42,16 +43,40 @@ class StepShape:
     micro_batch_size: int
 
 
-@dataclass
-class LoopResult:
-    iteration: int  # iterations done
-    finished: bool  # reached train_iters
-    exit_reason: str | None = None
-    results: list[StepResult] = field(default_factory=list)
-    skipped_total: int = 0
-
-
 SaveFn = Callable[[int, dict[str, Any]], None]
+
+
+class SupervisedModule:
+    """One optimizer step per global batch of a fixed dataset plan; no evaluation, no budget."""
+
+    def __init__(
+        self,
+        trainable: Trainable,
+        forward_step: Callable,
+        batches: BatchSource,
+        shape: StepShape,
+        train: TrainConfig,
+        save: SaveFn,
+    ) -> None:
+        self.trainable, self.forward_step, self.batches = trainable, forward_step, batches
+        self.shape, self.train, self._save = shape, train, save
+
+    def run_step(self, step: int) -> StepOutcome:
+        iteration = step - 1  # the plan counts iterations from 0
+        result = timed_train_step(
+            self.trainable, self.forward_step, self.batches.micro_batches(iteration), self.shape, self.train
+        )
+        stats = self.batches.stats(iteration)
+        return StepOutcome(result, stats.tokens, stats.sample_lengths, self.batches.consumed_samples(step))
+
+    def evaluate(self, step: int) -> dict[str, float]:
+        return {}
+
+    def save(self, step: int, state: dict[str, Any]) -> None:
+        self._save(step, state)
+
+    def budget_left(self, step: int) -> str | None:
+        return None
 
 
 def run_training(
@@ -69,57 +94,22 @@ def run_training(
     exit_request: ExitRequest,
 ) -> LoopResult:
     """Train from ``start_iteration`` to ``trainable.train_iters``; always ends with a checkpoint."""
-    result = LoopResult(
-        iteration=start_iteration, finished=False, skipped_total=loop_state.get("skipped_total", 0)
+    module = SupervisedModule(trainable, forward_step, batches, shape, train, save)
+    trainer = Trainer(
+        module, Schedule(trainable.train_iters, save_interval=save_interval), train, logger, exit_request
     )
-    consecutive_skips, saved_at = 0, start_iteration
-    for iteration in range(start_iteration, trainable.train_iters):
-        step, seconds = _timed_step(trainable, forward_step, batches.micro_batches(iteration), shape, train)
-        done = iteration + 1
-        consecutive_skips = consecutive_skips + 1 if step.skipped else 0
-        result.skipped_total += int(step.skipped)
-        result.iteration = done
-        result.results.append(step)
-        stats = batches.stats(iteration)
-        logger.log(
-            done,
-            step,
-            seconds=seconds,
-            tokens=stats.tokens,
-            sample_lengths=stats.sample_lengths,
-            consumed_samples=batches.consumed_samples(done),
-            skipped_total=result.skipped_total,
-        )
-        if step.skipped:
-            logger.message(
-                f"iteration {done}: non-finite loss {step.loss} / grad norm {step.grad_norm}; skipped"
-            )
-        if consecutive_skips >= train.max_consecutive_skips:
-            raise NonFiniteStepError(
-                f"{consecutive_skips} consecutive non-finite steps up to iteration {done}; stopping "
-                f"(the last checkpoint, iteration {saved_at}, is intact)"
-            )
-        state = {"skipped_total": result.skipped_total}
-        if save_interval and done % save_interval == 0 and done < trainable.train_iters:
-            save(done, state)
-            saved_at = done
-        reason = exit_request.should_exit()
-        if reason:
-            if saved_at != done:
-                save(done, state)
-            logger.message(f"exit requested ({reason}) after iteration {done}: checkpoint saved, leaving")
-            result.exit_reason = reason
-            return result
-    if saved_at != trainable.train_iters:  # (a run resumed at its last iteration has that checkpoint)
-        save(trainable.train_iters, {"skipped_total": result.skipped_total})
-    result.finished = True
-    return result
+    return trainer.fit(start_iteration, skipped_total=loop_state.get("skipped_total", 0))
 
 
-def _timed_step(trainable: Trainable, forward_step, micro_batches, shape: StepShape, train: TrainConfig):
+def timed_train_step(
+    trainable: Trainable,
+    forward_step: Callable,
+    micro_batches: list[Any],
+    shape: StepShape,
+    train: TrainConfig,
+) -> StepResult:
     import torch
 
-    start = time.perf_counter()
     # Interleaved pipelining reads the micro-batches once per model chunk.
     data = (
         iter(micro_batches) if len(trainable.model) == 1 else [iter(micro_batches) for _ in trainable.model]
@@ -137,4 +127,4 @@ def _timed_step(trainable: Trainable, forward_step, micro_batches, shape: StepSh
     )
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-    return step, time.perf_counter() - start
+    return step

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import gc
 import json
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -41,8 +40,8 @@ from megatron_sdzero.training.sft_data import (
     make_plan,
     plan_identity,
 )
-from megatron_sdzero.training.signals import ExitRequest
 from megatron_sdzero.training.step import NonFiniteStepError
+from megatron_sdzero.training.trainer import exit_request_for
 
 FINISHED = "sft_finished.json"
 
@@ -223,11 +222,7 @@ def run_stage(stage: Stage, config: SFTConfig, tokenizer) -> LoopResult:
         run_name=f"sft-stage{stage.number}",
         run_config=to_dict(config),
     )
-    exit_request = ExitRequest(
-        train.exit_signals,
-        stop_file=os.environ.get("SDZERO_STOP_FILE"),
-        max_minutes=train.exit_duration_minutes,
-    )
+    exit_request = exit_request_for(train, stage.run_dir)
     try:
         return run_training(
             trainable,
