@@ -32,6 +32,8 @@ ANSWER_FIELDS: dict[str, tuple[str, ...]] = {
     "code": ("tests", "official_tests", "test_cases", "examples"),
 }
 
+SOLUTION_FIELDS = ("solution", "reference_solution", "demonstration")  # a worked solution, if the row has one
+
 
 class ProblemFormatError(ValueError):
     """A row of a problem source is malformed (strict mode)."""
@@ -78,6 +80,7 @@ class Problem:
     text: str
     answer: str | None = None  # math
     tests: tuple[dict[str, str], ...] | None = None  # code
+    solution: str | None = None  # a reference solution / demonstration (SDFT's teacher reads it)
     index: int = 0  # position in the source (0-based; a JSONL line number minus one), for reference only
 
     @property
@@ -153,10 +156,17 @@ def parse_row(row: Any, index: int, source: ProblemSource) -> Problem:
     text = _text_field(row, source.problem_field, PROBLEM_FIELDS[source.mode], "missing problem")
     if source.mode == "math":
         answer = _math_answer(row, source.answer_field)
-        return Problem(problem_id("math", text, answer), "math", text, answer=answer, index=index)
+        solution = _optional_text(row, SOLUTION_FIELDS)
+        return Problem(
+            problem_id("math", text, answer), "math", text, answer=answer, solution=solution, index=index
+        )
     tests = _code_tests(row, source.answer_field)
     reference = [dict(t) for t in tests]
     return Problem(problem_id("code", text, reference), "code", text, tests=tests, index=index)
+
+
+def _optional_text(row: Mapping, candidates: tuple[str, ...]) -> str | None:
+    return next((row[name] for name in candidates if isinstance(row.get(name), str) and row[name]), None)
 
 
 def _names(configured: str | None, candidates: tuple[str, ...]) -> tuple[str, ...]:
