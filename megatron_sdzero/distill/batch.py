@@ -57,22 +57,29 @@ class RolloutSample:
     reward: float
     finish_reason: str = "stop"
     problem_id: str = ""
+    group: int = 0  # which prompt of the step (on this replica) it answers: GRPO's group
 
 
 @dataclass
 class DistillBatch:
-    """Padded tensors of one step (or one micro-batch); row b of each is sample b."""
+    """Padded tensors of one step (or one micro-batch); row b of each is sample b.
+
+    Every on-policy algorithm fills it: the teacher fields hold the frozen model's input (SD-Zero's
+    reviser, SDFT's demonstration-conditioned teacher, GRPO's reference model; None without one),
+    ``advantages`` GRPO's per-sample advantage.
+    """
 
     student_tokens: torch.Tensor  # [B, S] long
-    teacher_tokens: torch.Tensor  # [B, T] long
+    teacher_tokens: torch.Tensor | None  # [B, T] long
     student_index: torch.Tensor  # [B, K] long: student logit positions (p_s - 1)
-    teacher_index: torch.Tensor  # [B, K] long: teacher logit positions (p_t - 1)
+    teacher_index: torch.Tensor | None  # [B, K] long: teacher logit positions (p_t - 1)
     targets: torch.Tensor  # [B, K] long: the token both predict
     loss_mask: torch.Tensor  # [B, K] bool
     sample_weights: torch.Tensor  # [B] float32
     rewards: torch.Tensor  # [B] float32
     response_lengths: torch.Tensor  # [B] long: |y| as sampled
     truncated: torch.Tensor  # [B] bool: y was cut for the teacher budget or the student limit
+    advantages: torch.Tensor | None = None  # [B] float32
 
     @property
     def size(self) -> int:
@@ -90,7 +97,7 @@ class DistillBatch:
         """
         parts = []
         for start in range(0, self.size, size):
-            part = DistillBatch(**{f.name: getattr(self, f.name)[start : start + size] for f in fields(self)})
+            part = DistillBatch(**{name: _rows(value, start, size) for name, value in self._values().items()})
             parts.append(part.trimmed(trim_to_multiple) if trim_to_multiple else part)
         return parts
 
@@ -99,13 +106,25 @@ class DistillBatch:
         used = self.loss_mask.sum(1)
         width_k = max(1, int(used.max()))
         student = _used_width(self.student_index, used, multiple)
-        teacher = _used_width(self.teacher_index, used, multiple)
-        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        values = self._values()
         values["student_tokens"] = self.student_tokens[:, : min(student, self.student_tokens.shape[1])]
-        values["teacher_tokens"] = self.teacher_tokens[:, : min(teacher, self.teacher_tokens.shape[1])]
+        if self.teacher_tokens is not None:
+            teacher = _used_width(self.teacher_index, used, multiple)
+            values["teacher_tokens"] = self.teacher_tokens[:, : min(teacher, self.teacher_tokens.shape[1])]
         for name in ("student_index", "teacher_index", "targets", "loss_mask"):
-            values[name] = values[name][:, :width_k]
+            if values[name] is not None:
+                values[name] = values[name][:, :width_k]
         return DistillBatch(**values)
+
+    def to(self, device: torch.device) -> DistillBatch:
+        return DistillBatch(**{n: None if v is None else v.to(device) for n, v in self._values().items()})
+
+    def _values(self) -> dict[str, torch.Tensor | None]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def _rows(value: torch.Tensor | None, start: int, size: int) -> torch.Tensor | None:
+    return None if value is None else value[start : start + size]
 
 
 def _used_width(index: torch.Tensor, used: torch.Tensor, multiple: int) -> int:

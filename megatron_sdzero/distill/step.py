@@ -125,38 +125,58 @@ def _synchronize() -> None:
         torch.cuda.synchronize()
 
 
-def make_distill_forward_step(
-    teacher: Teacher, loss_config: DistillLossConfig, valid_vocab_size: int, teacher_time: Stopwatch
-) -> Callable:
+LossFn = Callable[
+    [torch.Tensor, "torch.Tensor | None", DistillBatch], tuple[torch.Tensor, torch.Tensor, dict]
+]
+"""(student logits at ``student_index`` [b, K, vocab/TP], the frozen model's at ``teacher_index`` or
+None, the micro-batch on the student's device) -> (loss sum, valid tokens, logs), as step.py wants."""
+
+
+def kl_loss(loss_config: DistillLossConfig, valid_vocab_size: int) -> LossFn:
+    """The token-level divergence to the frozen teacher (SD-Zero, SDFT)."""
+
+    def loss_func(student: torch.Tensor, target: torch.Tensor | None, batch: DistillBatch):
+        loss, metrics = distill_loss(
+            student,
+            target,
+            batch.loss_mask,
+            config=loss_config,
+            valid_vocab_size=valid_vocab_size,
+            sample_weights=batch.sample_weights[:, None],
+            reduction="sum",
+        )
+        tokens_valid = metrics.num_valid_tokens
+        return loss, tokens_valid.int(), {"loss": loss_log(loss, tokens_valid)}
+
+    return loss_func
+
+
+def make_forward_step(teacher: Teacher | None, loss_fn: LossFn, teacher_time: Stopwatch) -> Callable:
     """``forward_step_func`` over (micro-batch, precomputed teacher logits or None) pairs."""
 
     def forward_step(data_iterator: Iterator[tuple[DistillBatch, torch.Tensor | None]], model: Any):
         batch, stashed = next(data_iterator)
         device = _device(model)
         target = stashed
-        if stashed is None and _single_stage():
+        if teacher is not None and stashed is None and _single_stage():
             with teacher_time.timing():
                 target = teacher_logits(teacher, batch)
         tokens = batch.student_tokens.to(device)
         output = model(tokens, _positions(tokens), None)
+        on_device = batch.to(device)
 
         def loss_func(logits: torch.Tensor):
-            student = aligned(logits, batch.student_index.to(device))
-            loss, metrics = distill_loss(
-                student,
-                target,
-                batch.loss_mask.to(device),
-                config=loss_config,
-                valid_vocab_size=valid_vocab_size,
-                sample_weights=batch.sample_weights.to(device)[:, None],
-                reduction="sum",
-            )
-            tokens_valid = metrics.num_valid_tokens
-            return loss, tokens_valid.int(), {"loss": loss_log(loss, tokens_valid)}
+            return loss_fn(aligned(logits, on_device.student_index), target, on_device)
 
         return output, loss_func
 
     return forward_step
+
+
+def make_distill_forward_step(
+    teacher: Teacher, loss_config: DistillLossConfig, valid_vocab_size: int, teacher_time: Stopwatch
+) -> Callable:
+    return make_forward_step(teacher, kl_loss(loss_config, valid_vocab_size), teacher_time)
 
 
 def _single_stage() -> bool:
@@ -177,7 +197,25 @@ def distill_step(
     nan_policy: str = "skip",
     teacher_time: Stopwatch | None = None,
 ) -> StepResult:
-    """Teacher forward, student forward/backward and one optimizer step on this rank's batch.
+    """SD-Zero's step: :func:`policy_step` with the KL to the teacher."""
+    return policy_step(
+        student, teacher, batch, kl_loss(loss_config, valid_vocab_size), micro_batch_size=micro_batch_size,
+        pad_to_multiple_of=pad_to_multiple_of, nan_policy=nan_policy, teacher_time=teacher_time,
+    )  # fmt: skip
+
+
+def policy_step(
+    student: Any,
+    teacher: Teacher | None,
+    batch: DistillBatch,
+    loss_fn: LossFn,
+    *,
+    micro_batch_size: int,
+    pad_to_multiple_of: int = 8,
+    nan_policy: str = "skip",
+    teacher_time: Stopwatch | None = None,
+) -> StepResult:
+    """The frozen model's forward (if any), student forward/backward and one optimizer step.
 
     ``student``: a ``training.setup.Trainable``. With pipeline parallelism every micro-batch keeps
     the step's padded width (the pipeline's send/receive shapes are fixed) and the local batch
@@ -191,14 +229,13 @@ def distill_step(
         )
     micro = batch.micro_batches(micro_batch_size, trim_to_multiple=None if pipelined else pad_to_multiple_of)
     teacher_time = teacher_time or Stopwatch()
-    with teacher.on_device():
+    with teacher.on_device() if teacher is not None else contextlib.nullcontext():
         stash = [None] * len(micro)
-        if pipelined:
+        if pipelined and teacher is not None:
             with teacher_time.timing():
                 stash = teacher_pass(teacher, micro)
-        forward_step = make_distill_forward_step(teacher, loss_config, valid_vocab_size, teacher_time)
         return train_step(
-            forward_step,
+            make_forward_step(teacher, loss_fn, teacher_time),
             iter(list(zip(micro, stash, strict=True))),
             student.model,
             student.optimizer,
