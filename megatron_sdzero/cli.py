@@ -24,6 +24,9 @@ COMMANDS: dict[str, Command] = {
     "srt-prepare": Command("megatron_sdzero.srt.prepare:main", "Phase 1: clean, dedupe, split SFT stages"),
     "sft": Command("megatron_sdzero.training.sft:main", "Phase 1: two-stage SFT on Megatron (SRT model)"),
     "distill": Command("megatron_sdzero.distill.loop:main", "Phase 2: on-policy self-distillation"),
+    "sdft": Command("megatron_sdzero.distill.loop:sdft_main", "baseline: SDFT (demonstration teacher)"),
+    "grpo": Command("megatron_sdzero.distill.loop:grpo_main", "baseline: GRPO (group policy gradient)"),
+    "rft": Command("megatron_sdzero.algorithms.rft:main", "baseline: rejection-sampling fine-tuning"),
     "eval": Command("megatron_sdzero.eval.run:main", "avg@k / pass@k evaluation"),
     "demo": Command("megatron_sdzero.demo:main", "both phases end to end on a tiny model (CPU)"),
 }

@@ -165,9 +165,16 @@ def load_config[T](cls: type[T], path: str | Path | None = None, overrides: Sequ
 
 
 def run_config_command[T](
-    prog: str, description: str, config_cls: type[T], run: Callable[[T], int | None], argv: Sequence[str]
+    prog: str,
+    description: str,
+    config_cls: type[T],
+    run: Callable[[T], int | None],
+    argv: Sequence[str],
+    preset: Sequence[str] = (),
 ) -> int:
-    """The shared front of every config-driven command: --config, overrides, --dry-run."""
+    """The shared front of every config-driven command: --config, overrides, --dry-run.
+
+    ``preset``: overrides the command itself applies after the recipe, before the user's own."""
     parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--config", "-c", help="YAML recipe (see examples/)")
     parser.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
@@ -176,7 +183,7 @@ def run_config_command[T](
     )
     args = parser.parse_args(list(argv))
     try:
-        config = load_config(config_cls, args.config, args.overrides)
+        config = load_config(config_cls, args.config, [*preset, *args.overrides])
     except ConfigError as err:
         parser.error(str(err))
     if args.dry_run:

@@ -171,6 +171,30 @@ def build_row(sample: RolloutSample, fmt: ChatFormat, phrases: ControlPhrases, c
     )
 
 
+def conditioned_row(sample: RolloutSample, teacher_prompt: Sequence[int] | None, config: BatchConfig) -> _Row:
+    """student = x + y[:keep] and, with a teacher prompt c, teacher = c + y[:keep] (SDFT's teacher
+    reads the demonstration-conditioned prompt; GRPO's reference model reads x itself). ``keep``
+    is cut by the student's limit and, for the teacher, by ``teacher_budget``."""
+    prompt, y = list(sample.prompt_ids), list(sample.response_ids)
+    keep = min(len(y), max(0, config.student_max_tokens - len(prompt)))
+    if teacher_prompt is not None:
+        keep = min(keep, max(0, config.teacher_budget - len(teacher_prompt)))
+    if keep == 0:
+        stub = prompt[:1]
+        return _Row(stub, stub if teacher_prompt is not None else [], [], [], [], 0.0, len(y) > 0)
+    student = prompt + y[:keep]
+    teacher = list(teacher_prompt) + y[:keep] if teacher_prompt is not None else []
+    return _Row(
+        student=student,
+        teacher=teacher,
+        student_index=list(range(len(prompt) - 1, len(prompt) - 1 + keep)),
+        teacher_index=list(range(len(teacher) - keep - 1, len(teacher) - 1)) if teacher else [],
+        targets=y[:keep],
+        weight=1.0,
+        truncated=keep < len(y),
+    )
+
+
 def build_batch(
     samples: Sequence[RolloutSample],
     fmt: ChatFormat,
@@ -178,22 +202,35 @@ def build_batch(
     config: BatchConfig,
     pad_id: int = 0,
 ) -> DistillBatch:
-    """The padded student and teacher batches of ``samples`` (see the module docstring)."""
+    """SD-Zero's padded student and teacher batches of ``samples`` (see the module docstring)."""
     if not samples:
         raise ValueError("build_batch: no samples")
-    rows = [build_row(s, fmt, phrases, config) for s in samples]
+    return assemble([build_row(s, fmt, phrases, config) for s in samples], samples, config, pad_id)
+
+
+def assemble(
+    rows: Sequence[_Row],
+    samples: Sequence[RolloutSample],
+    config: BatchConfig,
+    pad_id: int = 0,
+    *,
+    with_teacher: bool = True,
+    advantages: torch.Tensor | None = None,
+) -> DistillBatch:
+    """Pad the rows into one batch (teacher fields None when ``with_teacher`` is false)."""
     multiple = config.pad_to_multiple_of
     return DistillBatch(
         student_tokens=_pad([r.student for r in rows], pad_id, multiple),
-        teacher_tokens=_pad([r.teacher for r in rows], pad_id, multiple),
+        teacher_tokens=_pad([r.teacher for r in rows], pad_id, multiple) if with_teacher else None,
         student_index=_pad([r.student_index for r in rows], 0, 1),
-        teacher_index=_pad([r.teacher_index for r in rows], 0, 1),
+        teacher_index=_pad([r.teacher_index for r in rows], 0, 1) if with_teacher else None,
         targets=_pad([r.targets for r in rows], pad_id, 1),
         loss_mask=_pad([[1] * len(r.targets) for r in rows], 0, 1).bool(),
         sample_weights=torch.tensor([r.weight for r in rows], dtype=torch.float32),
         rewards=torch.tensor([s.reward for s in samples], dtype=torch.float32),
         response_lengths=torch.tensor([len(s.response_ids) for s in samples], dtype=torch.long),
         truncated=torch.tensor([r.truncated for r in rows], dtype=torch.bool),
+        advantages=advantages,
     )
 
 

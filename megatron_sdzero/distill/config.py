@@ -1,6 +1,8 @@
-"""The Phase 2 recipe: one config tree for ``sdzero distill``.
+"""The on-policy recipe: one config tree for ``sdzero distill`` (SD-Zero Phase 2), ``sdzero sdft`` and
+``sdzero grpo``; ``algorithm`` picks the part that differs (docs/algorithms.md).
 
     sdzero distill --config examples/distill_qwen3_4b_math.yaml train.lr=2e-6 --dry-run
+    sdzero grpo --config examples/grpo_qwen3_4b_math.yaml
 
 Batch arithmetic: every step draws ``train.global_batch_size / sampling.n`` prompts, samples
 ``sampling.n`` responses to each (reference: 128 prompts x 1 sample) and makes one optimizer step
@@ -13,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from megatron_sdzero.algorithms.config import AlgorithmName, BudgetConfig, GRPOConfig, SDFTConfig
 from megatron_sdzero.config import ConfigError
 from megatron_sdzero.data.formatting import ControlPhrases, PromptConfig, resolve_phrases
 from megatron_sdzero.data.problems import ProblemSource
@@ -59,6 +62,10 @@ class DistillSchedule:
 class DistillConfig:
     student: StudentConfig
     problems: ProblemSource
+    algorithm: AlgorithmName = "sdzero"
+    sdft: SDFTConfig = field(default_factory=SDFTConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     prompt: PromptConfig = field(default_factory=PromptConfig)
     phrases: ControlPhrases = field(default_factory=ControlPhrases)
@@ -80,7 +87,21 @@ class DistillConfig:
     schedule: DistillSchedule = field(default_factory=DistillSchedule)
 
     def __post_init__(self) -> None:
-        resolve_phrases(self.student.family, self.phrases)  # an unknown family without phrases fails here
+        if self.algorithm not in ("sdzero", "sdft", "grpo"):
+            raise ConfigError(f"algorithm: sdzero, sdft or grpo, got {self.algorithm!r}")
+        if self.algorithm == "sdzero":
+            resolve_phrases(self.student.family, self.phrases)  # an unknown family without phrases fails
+        if self.algorithm == "grpo" and self.sampling.n < 2:
+            raise ConfigError(
+                f"sampling.n={self.sampling.n}: GRPO's group is the sampling.n responses of a prompt and "
+                "needs at least 2 (advantages are relative to the group)"
+            )
+        if self.algorithm == "grpo" and self.teacher.sync != "none":
+            raise ConfigError("teacher.sync: GRPO's reference model stays frozen; set teacher.sync=none")
+        if self.algorithm == "sdft" and self.teacher.sync == "copy":
+            raise ConfigError(
+                "teacher.sync: SDFT's teacher is the frozen start (none) or an EMA of the student (ema)"
+            )
         if self.reward.mode != self.problems.mode:
             raise ConfigError(
                 f"reward.mode: {self.reward.mode!r} does not grade {self.problems.mode!r} problems"
@@ -100,6 +121,10 @@ class DistillConfig:
             raise ConfigError(
                 "checkpoint.keep_last: distill keeps checkpoints by eval score (schedule.keep_best)"
             )
+
+    @property
+    def samples_per_step(self) -> int:
+        return self.train.global_batch_size
 
     @property
     def prompts_per_step(self) -> int:

@@ -132,8 +132,11 @@ LossFn = Callable[
 None, the micro-batch on the student's device) -> (loss sum, valid tokens, logs), as step.py wants."""
 
 
-def kl_loss(loss_config: DistillLossConfig, valid_vocab_size: int) -> LossFn:
-    """The token-level divergence to the frozen teacher (SD-Zero, SDFT)."""
+def kl_loss(
+    loss_config: DistillLossConfig, valid_vocab_size: int, token_sink: Callable | None = None
+) -> LossFn:
+    """The token-level divergence to the frozen teacher (SD-Zero, SDFT); ``token_sink(batch, values)``
+    receives each micro-batch's per-token divergence."""
 
     def loss_func(student: torch.Tensor, target: torch.Tensor | None, batch: DistillBatch):
         loss, metrics = distill_loss(
@@ -145,6 +148,8 @@ def kl_loss(loss_config: DistillLossConfig, valid_vocab_size: int) -> LossFn:
             sample_weights=batch.sample_weights[:, None],
             reduction="sum",
         )
+        if token_sink is not None:
+            token_sink(batch, metrics.token_values.detach())
         tokens_valid = metrics.num_valid_tokens
         return loss, tokens_valid.int(), {"loss": loss_log(loss, tokens_valid)}
 

@@ -104,3 +104,7 @@ class LoggingConfig:
     wandb_name: str | None = None
     progress: bool = True  # a tqdm bar on the last rank
     peak_tflops: float = 989.0  # dense BF16 peak per GPU for MFU (H100/H200 SXM)
+    # On-policy runs: per-token divergence (or surprise) of this many samples, every
+    # token_samples_interval steps, into RUN_DIR/token_samples.jsonl for `sdzero report`.
+    token_samples: int = 2
+    token_samples_interval: int | None = 10
