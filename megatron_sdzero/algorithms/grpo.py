@@ -43,10 +43,8 @@ class GRPO:
         ]
         rewards = torch.tensor([s.reward for s in samples], dtype=torch.float32)
         groups = torch.tensor([s.group for s in samples], dtype=torch.long)
-        advantages, self._flat_groups = group_advantages(
-            rewards, groups, scale_by_std=self.config.scale_by_std
-        )
-        self._groups = len(set(groups.tolist()))
+        advantages, flat = group_advantages(rewards, groups, scale_by_std=self.config.scale_by_std)
+        self.last_groups = (len(set(groups.tolist())), flat)
         return assemble(
             rows, samples, ctx.config, ctx.pad_id, with_teacher=self.uses_frozen_model, advantages=advantages
         )

@@ -165,6 +165,11 @@ class ChatFormat:
     def revision_prompt(self, prompt_ids: Sequence[int], y_init_ids: Sequence[int], phrase: str) -> list[int]:
         return list(prompt_ids) + self.body(y_init_ids) + list(self.delimiter_ids(phrase))
 
+    def response_sample(self, prompt_ids: Sequence[int], y_ids: Sequence[int]) -> Sample:
+        """prompt + finished(y), the loss on the response (RFT's training samples)."""
+        completion = self.finished(y_ids)
+        return Sample(list(prompt_ids) + completion, [0] * len(prompt_ids) + [1] * len(completion))
+
     def stage1_sample(
         self, prompt_ids: Sequence[int], y_init_ids: Sequence[int], phrase: str, y_revised_ids: Sequence[int]
     ) -> Sample:
@@ -258,9 +263,12 @@ def build_sft_sample(
     """(input_ids, loss_mask) of one stage1.jsonl / stage2.jsonl record (see docs/phase1.md)."""
     fmt = fmt or chat_format(tokenizer)
     stage = record.get("stage")
-    if stage not in (1, 2):
-        raise ValueError(f"SFT record has stage {stage!r}; expected 1 or 2")
+    if stage not in (1, 2, "response"):
+        raise ValueError(f"SFT record has stage {stage!r}; expected 1, 2 or 'response'")
     prompt = fmt.prompt_ids(record["messages"])
+    if stage == "response":  # a plain (prompt, response) pair: RFT's kept samples
+        sample = fmt.response_sample(prompt, record["y_ids"])
+        return sample.input_ids, sample.loss_mask
     build = fmt.stage1_sample if stage == 1 else fmt.stage2_sample
     sample = build(prompt, record["y_init_ids"], record["phrase"], record["y_revised_ids"])
     return sample.input_ids, sample.loss_mask

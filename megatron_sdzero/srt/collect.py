@@ -38,13 +38,13 @@ def collect(config: SRTConfig, engine: Any = None, grader: Grader | None = None)
         todo = [p for p in problems if p.id not in store.done_ids]
         log(_start_line(config, report, len(problems), len(todo), store))
         if store.counters.tuples_kept < config.collect.target and todo:
-            with _collector(config, engine, grader) as collector:
+            with open_collector(config, engine, grader) as collector:
                 run_batches(collector, store, todo, config.collect)
         return store.write_summary(_summary_extra(config, report, len(problems), store))
 
 
 @contextmanager
-def _collector(config: SRTConfig, engine: Any, grader: Grader | None) -> Iterator[Collector]:
+def open_collector(config: SRTConfig, engine: Any, grader: Grader | None) -> Iterator[Collector]:
     """A Collector on the given engine and grader, or on ones built from the config (closed after)."""
     with ExitStack() as owned:
         if engine is None:

@@ -27,6 +27,7 @@ class CollectConfig:
     num_responses: int = 3  # y_init per problem (reference script: 3; its README: 1)
     num_revisions: int = 3  # y_revised per revised y_init (reference script: 3; its README: 1)
     revise_correct: bool = False  # also revise correct y_init, with the r = 1 phrase
+    revise: bool = True  # false: keep the verified-correct initial responses themselves (RFT)
     seed: int = 0
     shuffle: bool = False  # seeded shuffle of the problem order
     shard_index: int = 0
@@ -87,6 +88,8 @@ class Collector:
     def run_batch(self, problems: Sequence[Problem]) -> BatchOutput:
         counters = Counters(problems=len(problems), batches=1)
         inits = self._answer([self._first_request(p) for p in problems], self.collect.num_responses, counters)
+        if not self.collect.revise:
+            return self._kept_initial(inits, counters)
         to_revise = [self._revision_request(a.request, i, y) for a in inits for i, y in self._revisable(a)]
         revisions = self._answer(to_revise, self.collect.num_revisions, counters)
         tuples = [
@@ -106,6 +109,30 @@ class Collector:
         counters.tuples_kept = len(tuples)
         attempts = [record for a in inits + revisions for record in _attempt_records(a)]
         return BatchOutput(tuples, attempts, counters)
+
+    def _kept_initial(self, inits: list[Answered], counters: Counters) -> BatchOutput:
+        """Generation-only collection (RFT): every verified-correct y_init is a kept record."""
+        samples = [(a.request, i, y) for a in inits for i, y in enumerate(a.samples or ())]
+        records = [self._response_record(request, i, y) for request, i, y in samples if y.correct]
+        counters.init_attempts = len(samples)
+        counters.init_correct = counters.tuples_kept = len(records)
+        attempts = [record for a in inits for record in _attempt_records(a)]
+        return BatchOutput(records, attempts, counters)
+
+    def _response_record(self, request: Request, index: int, y: GradedSample) -> dict:
+        problem = request.problem
+        return {
+            "problem_id": problem.id,
+            "mode": problem.mode,
+            "problem": problem.text,
+            "answer": problem.answer,
+            "messages": build_messages(problem.text, problem.mode, self.prompt),
+            "index": index,
+            "y": y.completion.text,
+            "y_ids": list(y.completion.token_ids),
+            "finish": y.completion.finish_reason,
+            "reward": y.result.score,
+        }
 
     def _first_request(self, problem: Problem) -> Request:
         prompt = self.fmt.prompt_ids(build_messages(problem.text, problem.mode, self.prompt))
