@@ -317,3 +317,80 @@ def test_the_algorithm_commands_and_dry_run(base_model: Path, tmp_path: Path, ca
     template = "Question {problem} then {solution}"
     assert main(["sdft", "--config", str(recipe), "--dry-run", f"sdft.template={template}"]) == 0
     assert yaml.safe_load(capsys.readouterr().out)["sdft"]["template"] == template
+
+
+class ArithmeticEngine:
+    """Answers difficulty-1 arithmetic prompts; right when a seeded coin says so (about half the time)."""
+
+    def __init__(self, tokenizer) -> None:
+        import re
+
+        self.tokenizer, self.pattern = tokenizer, re.compile(r"What is (\d+) ([-+*]) (\d+)\?")
+        self.eot = ChatFormat(tokenizer).end_of_turn_id
+        self.sampled = 0
+
+    def generate(self, prompts, params):
+        from megatron_sdzero.rollout.base import Completion, mix_seed, per_prompt
+
+        outputs = []
+        for prompt, p in zip(prompts, per_prompt(prompts, params), strict=True):
+            a, op, b = self.pattern.search(self.tokenizer.decode(prompt)).groups()
+            right = {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b)}[op]
+            group = []
+            for j in range(p.n):
+                value = right if mix_seed(p.seed, j) % 2 else right + 1
+                text = f"{a} {op} {b} = {value}. The answer is \\boxed{{{value}}}."
+                ids = self.tokenizer(text, add_special_tokens=False)["input_ids"] + [self.eot]
+                group.append(Completion(ids, text, "stop"))
+            self.sampled += p.n
+            outputs.append(group)
+        return outputs
+
+    def close(self) -> None:
+        pass
+
+
+def test_rft_collects_within_its_budget_and_trains_on_the_kept_samples(
+    tiny_hf_models, base_model: Path, tmp_path: Path
+) -> None:
+    from megatron_sdzero.algorithms.rft import DATA_FILE
+
+    values = {
+        "model": {"path": str(tiny_hf_models["qwen3_tied"]), "family": "qwen3"},
+        "problems": {"arithmetic": {"n": 20, "seed": 3}},
+        "output_dir": str(tmp_path / "rft"),
+        "sampling": {"n": 3, "max_tokens": 16},
+        "reward": {"math": {"num_workers": 1}},
+        "collect": {"batch_size": 4, "progress": False},
+        "budget": {"max_samples": 20},  # 6 questions x 3 samples fit, a 7th would not
+        "sft": {
+            "init": str(base_model),
+            "model": {"params_dtype": "float32", "transformer_impl": "local"},
+            "data": {"seq_length": 128},
+            "train": {"micro_batch_size": 2, "global_batch_size": 2, "epochs": 1, "lr": 1e-4},
+            "logging": {"progress": False, "tensorboard_dir": None},
+        },
+    }  # fmt: skip
+    from megatron_sdzero.runtime.launch import run_on_ranks
+
+    record = run_on_ranks(_rft_rank, 1, values, timeout_s=600)[0]
+    assert record["questions"] == 6 and record["samples_generated"] == 18
+    kept = [json.loads(line) for line in (tmp_path / "rft" / DATA_FILE).read_text().splitlines()]
+    attempts = [
+        json.loads(line)
+        for line in (tmp_path / "rft" / "collect" / "attempts.jsonl").read_text().splitlines()
+    ]
+    correct = {(a["problem_id"], a["text"]) for a in attempts if a["reward"] > 0.5}
+    assert {(r["problem_id"], r["y"]) for r in kept} == correct and record["samples_trained"] == len(kept) > 0
+    assert record["training_tokens"] > 0 and record["steps"] == len(kept) // 2
+    assert (tmp_path / "rft" / "sft" / "stage1" / "sft_finished.json").is_file()
+
+
+def _rft_rank(values: dict) -> dict:
+    from transformers import AutoTokenizer
+
+    from megatron_sdzero.algorithms.rft import RFTConfig, run_rft
+
+    config = from_dict(RFTConfig, values)
+    engine = ArithmeticEngine(AutoTokenizer.from_pretrained(values["model"]["path"]))
+    return run_rft(config, engine)
