@@ -471,6 +471,10 @@ def test_stack_gpu_flag_is_the_whole_stack_with_the_te_vllm_overrides():
     assert set(wh.VLLM_CONSTRAINTS) <= set(options.constraints)
     for module in ("transformer_engine.pytorch", "megatron.core", "vllm", "gguf", "math_verify", "datasets"):
         assert module in options.import_check
+    with_trl = tool["options_from_args"](
+        tool["parse_args"](["--out", "x", "--stack", "gpu", "--project-extra", "trl"])
+    )
+    assert "trl==1.16.0" in with_trl.requirements and "trl" not in with_trl.import_check
     te_only = tool["options_from_args"](tool["parse_args"](["--out", "x", "--with-project-deps"]))
     assert not te_only.overrides and "vllm" not in te_only.import_check
     vllm_alone = tool["options_from_args"](tool["parse_args"](["--out", "x", "-r", "vllm", "--with-vllm"]))

@@ -123,7 +123,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 STACKS = {"gpu": (True, True, ("gguf",))}
 # What the install's import check adds for the project's own dependencies and extras.
 PROJECT_IMPORT_CHECK = ("datasets", "math_verify")
-EXTRA_IMPORT_CHECK = {"gguf": "gguf", "trl": "trl"}
+EXTRA_IMPORT_CHECK = {"gguf": "gguf"}
 
 
 def project_requirements(base: bool, extras: list[str]) -> list[str]:
