@@ -58,6 +58,38 @@ VLLM = "vllm==0.26.0"
 # need an apache-tvm-ffi / nvidia-cutlass-dsl newer than vllm's exact pins, and this walk does not
 # backtrack.
 VLLM_CONSTRAINTS = ("xgrammar<=0.2.7", "quack-kernels<=0.6.3")
+
+
+@dataclass(frozen=True)
+class Override:
+    """A version installed whatever the requirements on it say (uv's override-dependencies): the walk
+    fetches exactly this one, and each requirement it breaks is recorded and announced, not a conflict."""
+
+    requirement: str  # "name==version"
+    reason: str
+
+    @property
+    def name(self) -> str:
+        return canonicalize_name(Requirement(self.requirement).name)
+
+    @property
+    def specifier(self) -> SpecifierSet:
+        return Requirement(self.requirement).specifier
+
+
+# TE 2.20.2 and vLLM 0.26.0 in one environment. transformer_engine_torch needs nvidia-cudnn-frontend
+# >= 1.29.0, and every such release needs nvidia-cutlass-dsl >= 4.8.0 and apache-tvm-ffi >= 0.1.11,
+# which vLLM pins to 4.6.0 and 0.1.10. Measured on an H200 (2026-12-03, docs/wheelhouse.md): with
+# these three versions vLLM imports and generates, and a TE FP8 forward + backward runs in the same
+# process; pip check then names exactly the two requirements of cudnn-frontend below.
+VLLM_TE_OVERRIDES = (
+    Override(
+        "nvidia-cudnn-frontend==1.32.0",
+        "transformer_engine_torch 2.20.2 needs >=1.29.0; 1.32.0 is what TE alone resolves to",
+    ),
+    Override("nvidia-cutlass-dsl==4.6.0", "vllm 0.26.0 pins it exactly"),
+    Override("apache-tvm-ffi==0.1.10", "vllm 0.26.0 pins it exactly"),
+)
 DEFAULT_REQUIREMENTS = (MEGATRON_CORE, TRANSFORMER_ENGINE)
 DEFAULT_IMPORT_CHECK = ("transformer_engine.pytorch", "megatron.core")
 # Compiled against the node's torch and CUDA; there is no wheel on PyPI.
@@ -392,6 +424,7 @@ class Resolution:
     conflicts: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     excluded: dict[str, list[str]] = field(default_factory=dict)  # name -> the parents that wanted it
+    overridden: list[dict] = field(default_factory=list)  # requirements an Override breaks, on purpose
 
 
 @dataclass
@@ -405,6 +438,11 @@ class _Wanted:
     def spec_string(self, name: str) -> str:
         extras = f"[{','.join(sorted(self.extras))}]" if self.extras else ""
         return f"{name}{extras}{self.specifier}"
+
+
+def _without_marker(requirement: Requirement) -> str:
+    extras = f"[{','.join(sorted(requirement.extras))}]" if requirement.extras else ""
+    return f"{requirement.name}{extras}{requirement.specifier}"
 
 
 def _satisfies(version: str | None, specifier: SpecifierSet) -> bool:
@@ -430,6 +468,7 @@ class WheelhouseResolver:
         keep_image: Iterable[str] = DEFAULT_KEEP_IMAGE,
         exclude: Iterable[str] = (),
         constraints: Iterable[str] = (),
+        overrides: Iterable[Override] = (),
     ) -> None:
         self.files_dir = files_dir
         self.image = image
@@ -442,6 +481,7 @@ class WheelhouseResolver:
         for line in constraints:  # like pip's -c: narrows a package's versions wherever it is required
             constraint = Requirement(line)
             self.constraints[canonicalize_name(constraint.name)] &= constraint.specifier
+        self.overrides = {override.name: override for override in overrides}
         self.environment = target.marker_environment()
         self.result = Resolution()
         self._followed: dict[str, set[str]] = defaultdict(set)  # extras followed; "" = own requirements
@@ -464,6 +504,8 @@ class WheelhouseResolver:
             self.result.edges.append(Edge(str(requirement), parent))
         for name, wanted in level.items():
             wanted.specifier &= self.constraints.get(name, SpecifierSet())
+            if name in self.overrides:
+                wanted.specifier = self.overrides[name].specifier
         return level
 
     def _resolve_level(self, level: dict[str, _Wanted]) -> list[tuple[Requirement, str]]:
@@ -563,7 +605,18 @@ class WheelhouseResolver:
                 have, where = self.result.from_image[name], "image"
             else:
                 continue
-            if not _satisfies(have, requirement.specifier):
+            if _satisfies(have, requirement.specifier):
+                continue
+            if name in self.overrides:
+                self.result.overridden.append(
+                    {
+                        "parent": edge.parent,
+                        "requirement": _without_marker(requirement),
+                        "installed": f"{name}=={have}",
+                        "reason": self.overrides[name].reason,
+                    }
+                )
+            else:
                 self.result.conflicts.append(f"{edge.parent} needs {requirement}, {where} has {name} {have}")
 
 
@@ -630,6 +683,7 @@ def write_manifest(out_dir: Path, resolution: Resolution, settings: dict) -> Pat
         "from_image": dict(sorted(resolution.from_image.items())),
         "conflicts": resolution.conflicts,
         "excluded": resolution.excluded,
+        "overridden": resolution.overridden,
         "warnings": resolution.warnings,
         "total_bytes": sum(a.size for a in resolution.artifacts.values()),
     }
@@ -639,8 +693,8 @@ def write_manifest(out_dir: Path, resolution: Resolution, settings: dict) -> Pat
 
 
 def render_install_script(import_check: Sequence[str], no_deps: bool = False) -> str:
-    """install.sh for this wheelhouse; no_deps=True when packages were excluded on purpose, since
-    pip's dependency check would then fail on the node."""
+    """install.sh for this wheelhouse; no_deps=True when packages were excluded or requirements
+    overridden on purpose, since pip's dependency check would then fail on the node."""
     for module in import_check:
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.]*", module):
             raise ValueError(f"not a module name: {module!r}")
@@ -762,6 +816,50 @@ for name in sys.argv[2:]:
 PY
 }
 
+announce_overrides() {
+  "$PYTHON" - "$HERE/manifest.json" <<'PY'
+import json
+import sys
+
+overridden = json.load(open(sys.argv[1])).get("overridden", [])
+if overridden:
+    print(f"[wheelhouse] installing with --no-deps; {len(overridden)} requirement(s) overridden on purpose:")
+for o in overridden:
+    print(f"[wheelhouse]   {o['parent']} needs {o['requirement']}: installing {o['installed']}")
+    print(f"[wheelhouse]     why: {o['reason']}")
+PY
+}
+
+# pip check, each line marked as one of the overrides above or not (informational either way).
+pip_check() {
+  local report
+  report="$("$PYTHON" -m pip check 2>&1)" && { log "pip check: no broken requirements"; return 0; }
+  "$PYTHON" - "$HERE/manifest.json" "$report" <<'PY'
+import json
+import re
+import sys
+
+
+def canon(name):
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+expected = {
+    (canon(o["parent"].split("==")[0]), canon(re.split(r"[\s\[<>=!~;]", o["requirement"])[0]))
+    for o in json.load(open(sys.argv[1])).get("overridden", [])
+}
+unexpected = 0
+for line in sys.argv[2].splitlines():
+    match = re.match(r"(\S+) \S+ has requirement ([A-Za-z0-9._-]+)", line)
+    if match and (canon(match.group(1)), canon(match.group(2))) in expected:
+        print(f"[wheelhouse] pip check (expected, overridden): {line}")
+    else:
+        unexpected += 1
+        print(f"[wheelhouse] pip check (NOT an override of this wheelhouse): {line}")
+print(f"[wheelhouse] pip check: {unexpected} problem(s) beyond the overrides (informational)")
+PY
+}
+
 reassemble
 verify
 remove_parts
@@ -769,6 +867,7 @@ if (( VERIFY_ONLY )); then
   log "all files verified; nothing installed (--verify-only)"
   exit 0
 fi
+announce_overrides
 install_wheels
 if (( SKIP_BUILD )); then
   log "sdists not built (--skip-build)"
@@ -776,7 +875,7 @@ if (( SKIP_BUILD )); then
 fi
 build_sdists
 if [[ -z "$TARGET" ]]; then
-  "$PYTHON" -m pip check || log "pip check reported the problems above (informational)"
+  pip_check
 fi
 import_check
 log "done"
@@ -797,6 +896,7 @@ class WheelhouseOptions:
     keep_image: frozenset[str] = DEFAULT_KEEP_IMAGE
     exclude: frozenset[str] = frozenset()
     constraints: tuple[str, ...] = ()
+    overrides: tuple[Override, ...] = ()
     split_mb: float | None = None
     import_check: tuple[str, ...] = DEFAULT_IMPORT_CHECK
 
@@ -827,6 +927,7 @@ def build_wheelhouse(
         keep_image=options.keep_image,
         exclude=options.exclude,
         constraints=options.constraints,
+        overrides=options.overrides,
     )
     resolution = resolver.resolve(options.requirements)
     artifacts = sorted(resolution.artifacts.values(), key=lambda a: a.name)
@@ -835,7 +936,8 @@ def build_wheelhouse(
         split_large_files(files_dir, artifacts, options.split_mb)
     write_manifest(staging, resolution, _settings_record(options, freeze_file))
     install = staging / "install.sh"
-    install.write_text(render_install_script(options.import_check, no_deps=bool(resolution.excluded)))
+    no_deps = bool(resolution.excluded or resolution.overridden)
+    install.write_text(render_install_script(options.import_check, no_deps=no_deps))
     install.chmod(0o755)
 
     shutil.rmtree(out_dir, ignore_errors=True)
@@ -857,6 +959,7 @@ def _settings_record(options: WheelhouseOptions, freeze_file: Path | None) -> di
         "keep_image": sorted(options.keep_image),
         "exclude": sorted(options.exclude),
         "constraints": list(options.constraints),
+        "overrides": [asdict(o) for o in options.overrides],
         "split_mb": options.split_mb,
         "import_check": list(options.import_check),
     }
@@ -873,6 +976,10 @@ def summary_lines(out_dir: Path, resolution: Resolution) -> list[str]:
     lines += [f"from the image: {name}=={version}" for name, version in sorted(resolution.from_image.items())]
     lines += [
         f"excluded: {name} (wanted by {', '.join(by)})" for name, by in sorted(resolution.excluded.items())
+    ]
+    lines += [
+        f"OVERRIDE: {o['parent']} needs {o['requirement']}, installing {o['installed']} ({o['reason']})"
+        for o in resolution.overridden
     ]
     lines += [f"WARNING: {w}" for w in resolution.warnings]
     lines += [f"CONFLICT: {c}" for c in resolution.conflicts]

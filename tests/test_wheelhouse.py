@@ -11,6 +11,7 @@ import hashlib
 import io
 import json
 import os
+import runpy
 import shutil
 import subprocess
 import sys
@@ -352,3 +353,131 @@ def test_install_script_refuses_a_corrupted_part(built, tmp_path):
     result = _run_install(built, "--verify-only")
     assert result.returncode != 0
     assert "FAILED" in result.stdout + result.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# The GPU stack: TE and vLLM in one environment, their disagreement overridden on purpose
+# ---------------------------------------------------------------------------------------------
+
+# The shape of TE 2.20.2 / vLLM 0.26.0: te needs cudnn>=1.29, every such cudnn needs cutlass>=4.8 and
+# tvm>=0.1.11, vllm pins cutlass==4.6.0 and tvm==0.1.10.
+STACK_OVERRIDES = (
+    wh.Override("sdzfake-cudnn==1.32.0", "te needs >=1.29"),
+    wh.Override("sdzfake-cutlass==4.6.0", "vllm pins it"),
+    wh.Override("sdzfake-tvm==0.1.10", "vllm pins it"),
+)
+
+
+@pytest.fixture(scope="module")
+def stack_index(tmp_path_factory) -> Path:
+    index = tmp_path_factory.mktemp("stack-index")
+    make_wheel(index, "sdzfake-te", "2.20.2", ["sdzfake-cudnn>=1.29"])
+    make_wheel(index, "sdzfake-vllm", "0.26.0", ["sdzfake-cutlass[cu13]==4.6.0", "sdzfake-tvm==0.1.10"])
+    make_wheel(index, "sdzfake-cudnn", "1.28.0")
+    for version in ("1.32.0", "1.33.0"):
+        make_wheel(index, "sdzfake-cudnn", version, ["sdzfake-cutlass[cu13]>=4.8.0", "sdzfake-tvm>=0.1.11"])
+    for version in ("4.6.0", "4.8.0"):
+        requires = [f'sdzfake-cutlass-cu13=={version}; extra == "cu13"']
+        make_wheel(index, "sdzfake-cutlass", version, requires, extras=["cu13"])
+        make_wheel(index, "sdzfake-cutlass-cu13", version)
+    for version in ("0.1.10", "0.1.11"):
+        make_wheel(index, "sdzfake-tvm", version)
+    return index
+
+
+STACK_REQUIREMENTS = ("sdzfake-te==2.20.2", "sdzfake-vllm==0.26.0")
+
+
+def test_stack_conflicts_by_metadata_and_overrides_resolve_it_explicitly(tmp_path, stack_index):
+    plain = _resolver(tmp_path / "plain", stack_index, {}).resolve(STACK_REQUIREMENTS)
+    assert len(plain.conflicts) == 2 and not plain.overridden  # what --with-vllm gave before
+
+    result = _resolver(tmp_path / "o", stack_index, {}, overrides=STACK_OVERRIDES).resolve(STACK_REQUIREMENTS)
+    versions = {name: a.version for name, a in result.artifacts.items()}
+    assert versions == {
+        "sdzfake-te": "2.20.2",
+        "sdzfake-vllm": "0.26.0",
+        "sdzfake-cudnn": "1.32.0",  # not the newest 1.33.0, not vllm-compatible 1.28.0
+        "sdzfake-cutlass": "4.6.0",
+        "sdzfake-cutlass-cu13": "4.6.0",  # the extra of the overridden package is still followed
+        "sdzfake-tvm": "0.1.10",
+    }
+    assert not result.conflicts
+    assert result.overridden == [
+        {
+            "parent": "sdzfake-cudnn==1.32.0",
+            "requirement": "sdzfake-cutlass[cu13]>=4.8.0",
+            "installed": "sdzfake-cutlass==4.6.0",
+            "reason": "vllm pins it",
+        },
+        {
+            "parent": "sdzfake-cudnn==1.32.0",
+            "requirement": "sdzfake-tvm>=0.1.11",
+            "installed": "sdzfake-tvm==0.1.10",
+            "reason": "vllm pins it",
+        },
+    ]
+
+
+def test_stack_installs_in_one_environment_and_announces_what_it_overrides(tmp_path, stack_index):
+    """The real pip into a fresh venv: --no-deps install, the overrides printed before installing, and
+    pip check's two complaints recognised as exactly those overrides."""
+    options = wh.WheelhouseOptions(
+        requirements=STACK_REQUIREMENTS,
+        index=wh.IndexOptions(find_links=(stack_index,), no_index=True, quiet=True),
+        overrides=STACK_OVERRIDES,
+        import_check=("sdzfake_te", "sdzfake_vllm", "sdzfake_cudnn"),
+    )
+    out = tmp_path / "wheelhouse"
+    wh.build_wheelhouse(out, options)
+    assert "\nNO_DEPS=1\n" in (out / "install.sh").read_text()
+    assert len(json.loads((out / "manifest.json").read_text())["overridden"]) == 2
+
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    env = {**os.environ, "PYTHON": str(python)}
+    result = subprocess.run(["bash", str(out / "install.sh")], capture_output=True, text=True, env=env)
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log
+    assert "2 requirement(s) overridden on purpose" in log
+    assert "sdzfake-cudnn==1.32.0 needs sdzfake-tvm>=0.1.11: installing sdzfake-tvm==0.1.10" in log
+    assert log.index("overridden on purpose") < log.index("installing 6 wheels")
+    expected = [line for line in log.splitlines() if "pip check (expected, overridden)" in line]
+    assert len(expected) == 2 and any("sdzfake-cutlass" in line for line in expected), log
+    assert "pip check: 0 problem(s) beyond the overrides" in log
+    assert "import sdzfake_vllm OK 0.26.0" in log
+    freeze = subprocess.run(
+        [str(python), "-m", "pip", "list", "--format=freeze"], capture_output=True, text=True
+    ).stdout
+    assert {"sdzfake-cudnn==1.32.0", "sdzfake-cutlass==4.6.0", "sdzfake-tvm==0.1.10"} <= set(
+        freeze.splitlines()
+    )
+
+
+def test_stack_gpu_flag_is_the_whole_stack_with_the_te_vllm_overrides():
+    tool = runpy.run_path(str(Path(__file__).parents[1] / "tools" / "build_wheelhouse.py"), run_name="tool")
+    options = tool["options_from_args"](
+        tool["parse_args"](["--out", "x", "--stack", "gpu", "--split-mb", "60"])
+    )
+    names = {wh.canonicalize_name(wh.Requirement(r).name) for r in options.requirements}
+    assert {"megatron-core", "transformer-engine", "vllm", "gguf", "datasets", "math-verify"} <= names
+    assert options.overrides == wh.VLLM_TE_OVERRIDES and options.split_mb == 60
+    assert {o.name for o in options.overrides} == {
+        "nvidia-cudnn-frontend",
+        "nvidia-cutlass-dsl",
+        "apache-tvm-ffi",
+    }
+    assert set(wh.VLLM_CONSTRAINTS) <= set(options.constraints)
+    for module in ("transformer_engine.pytorch", "megatron.core", "vllm", "gguf", "math_verify", "datasets"):
+        assert module in options.import_check
+    with_trl = tool["options_from_args"](
+        tool["parse_args"](["--out", "x", "--stack", "gpu", "--project-extra", "trl"])
+    )
+    assert "trl==1.16.0" in with_trl.requirements and "trl" not in with_trl.import_check
+    te_only = tool["options_from_args"](tool["parse_args"](["--out", "x", "--with-project-deps"]))
+    assert not te_only.overrides and "vllm" not in te_only.import_check
+    vllm_alone = tool["options_from_args"](tool["parse_args"](["--out", "x", "-r", "vllm", "--with-vllm"]))
+    assert not vllm_alone.overrides  # no TE: nothing to override
+    with pytest.raises(SystemExit, match="no such extra"):
+        tool["options_from_args"](tool["parse_args"](["--out", "x", "--project-extra", "nope"]))

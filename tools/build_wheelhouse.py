@@ -2,7 +2,10 @@
 """Build an offline wheelhouse (megatron-core + TransformerEngine [+ vLLM]) for an air-gapped GPU image.
 
     python tools/build_wheelhouse.py --out .wheelhouse --freeze gpu-box-freeze.txt --split-mb 60
-    python tools/build_wheelhouse.py --out wh --freeze freeze.txt --with-vllm --with-project-deps
+    python tools/build_wheelhouse.py --out wh --freeze freeze.txt --stack gpu --split-mb 60
+
+`--stack gpu` is the whole GPU stack in one environment: megatron-core, TransformerEngine, vLLM and
+the project's own dependencies (with gguf), TE/vLLM's disagreement resolved by explicit overrides.
 
 Then copy the output directory to the GPU node and run `bash <out>/install.sh` there
 (see docs/wheelhouse.md). Needs only python3 + pip on this machine.
@@ -12,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 import tomllib
 from pathlib import Path
 
@@ -25,10 +29,14 @@ from megatron_sdzero.wheelhouse import (  # noqa: E402
     DEFAULT_SOURCE_ONLY,
     VLLM,
     VLLM_CONSTRAINTS,
+    VLLM_TE_OVERRIDES,
     IndexOptions,
+    Override,
+    Requirement,
     TargetEnv,
     WheelhouseOptions,
     build_wheelhouse,
+    canonicalize_name,
     summary_lines,
 )
 
@@ -47,11 +55,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="REQ",
         help=f"replaces the defaults: {', '.join(DEFAULT_REQUIREMENTS)}",
     )
-    parser.add_argument("--with-vllm", action="store_true", help=f"add {VLLM} (~300 MB wheel + many deps)")
+    parser.add_argument(
+        "--stack",
+        choices=sorted(STACKS),
+        default=None,
+        help="gpu: --with-vllm --with-project-deps --project-extra gguf (one environment for everything)",
+    )
+    parser.add_argument(
+        "--with-vllm",
+        action="store_true",
+        help=f"add {VLLM} (~300 MB wheel + many deps); with TE, installs the overrides in docs/wheelhouse.md",
+    )
     parser.add_argument(
         "--with-project-deps",
         action="store_true",
         help="add megatron_sdzero's own [project.dependencies] from pyproject.toml",
+    )
+    parser.add_argument(
+        "--project-extra",
+        action="append",
+        default=[],
+        metavar="EXTRA",
+        help="add the pyproject [project.optional-dependencies] EXTRA (e.g. gguf, trl)",
     )
     parser.add_argument("--python-version", default="3.12")
     parser.add_argument("--arch", default="x86_64")
@@ -94,21 +119,47 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def project_dependencies() -> list[str]:
+# Named sets of the flags below: (with_vllm, with_project_deps, project extras).
+STACKS = {"gpu": (True, True, ("gguf",))}
+# What the install's import check adds for the project's own dependencies and extras.
+PROJECT_IMPORT_CHECK = ("datasets", "math_verify")
+EXTRA_IMPORT_CHECK = {"gguf": "gguf"}
+
+
+def project_requirements(base: bool, extras: list[str]) -> list[str]:
+    """pyproject.toml's [project.dependencies] (if base) and the named [project.optional-dependencies]."""
     with open(REPO / "pyproject.toml", "rb") as handle:
-        return list(tomllib.load(handle)["project"]["dependencies"])
+        project = tomllib.load(handle)["project"]
+    unknown = sorted(set(extras) - set(project["optional-dependencies"]))
+    if unknown:
+        raise SystemExit(f"build_wheelhouse: no such extra in pyproject.toml: {', '.join(unknown)}")
+    requirements = list(project["dependencies"]) if base else []
+    return requirements + [r for extra in extras for r in project["optional-dependencies"][extra]]
+
+
+def _requires_te(requirements: list[str]) -> bool:
+    return any(canonicalize_name(Requirement(r).name) == "transformer-engine" for r in requirements)
 
 
 def options_from_args(args: argparse.Namespace) -> WheelhouseOptions:
+    with_vllm, with_project_deps, stack_extras = STACKS.get(args.stack, (False, False, ()))
+    with_vllm |= args.with_vllm
+    with_project_deps |= args.with_project_deps
+    extras = list(dict.fromkeys([*stack_extras, *args.project_extra]))
+
     requirements = list(args.requirement or DEFAULT_REQUIREMENTS)
+    requirements += project_requirements(with_project_deps, extras)
     import_check = list(args.import_check or DEFAULT_IMPORT_CHECK)
-    if args.with_project_deps:
-        requirements += project_dependencies()
+    if args.import_check is None:
+        import_check += list(PROJECT_IMPORT_CHECK) if with_project_deps else []
+        import_check += [EXTRA_IMPORT_CHECK[e] for e in extras if e in EXTRA_IMPORT_CHECK]
     constraints = list(args.constraint)
-    if args.with_vllm:
+    overrides: tuple[Override, ...] = ()
+    if with_vllm:
         requirements.append(VLLM)
         import_check.append("vllm")
         constraints += VLLM_CONSTRAINTS
+        overrides = VLLM_TE_OVERRIDES if _requires_te(requirements) else ()
     major, minor = (int(x) for x in args.glibc.split("."))
     return WheelhouseOptions(
         requirements=tuple(requirements),
@@ -120,6 +171,7 @@ def options_from_args(args: argparse.Namespace) -> WheelhouseOptions:
         keep_image=DEFAULT_KEEP_IMAGE | set(args.keep),
         exclude=frozenset(args.exclude),
         constraints=tuple(constraints),
+        overrides=overrides,
         split_mb=args.split_mb,
         import_check=tuple(import_check),
     )
@@ -127,8 +179,10 @@ def options_from_args(args: argparse.Namespace) -> WheelhouseOptions:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    start = time.perf_counter()
     resolution = build_wheelhouse(args.out, options_from_args(args), args.freeze)
     print("\n".join(summary_lines(args.out, resolution)))
+    print(f"built in {time.perf_counter() - start:.0f} s")
     print(f"install on the node: bash {args.out}/install.sh   (--help for options)")
     return 1 if args.strict and resolution.conflicts else 0
 

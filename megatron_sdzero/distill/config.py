@@ -115,6 +115,12 @@ class DistillConfig:
             raise ConfigError("train.train_iters: set the number of distillation steps")
         if self.parallel.vpp is not None:
             raise ConfigError("parallel.vpp: virtual pipeline stages are not supported by distill")
+        if self.train.overlap_param_gather and self.train.use_distributed_optimizer:
+            raise ConfigError(
+                "train.overlap_param_gather: the distributed optimizer then defers the parameter all-gather "
+                "to the next forward pass, but distill reads the parameters right after each step (weight "
+                "refresh, teacher.sync, checkpoints) and would see other ranks' shards stale; set it false"
+            )
         if not self.checkpoint.save:
             raise ConfigError("checkpoint.save: name the run directory")
         if self.checkpoint.keep_last is not None:

@@ -60,6 +60,38 @@ def use_transformer_engine(model_cfg: ModelConfig) -> bool:
     return usable
 
 
+def resolved_layers(model_cfg: ModelConfig) -> dict[str, str | None]:
+    """What the model is built with, after "auto" and the FP8 settings are resolved on this machine:
+    the layer implementation (transformer_engine or local), TE's version, FP8 format and recipe."""
+    te = use_transformer_engine(model_cfg)
+    return {
+        "transformer_impl": "transformer_engine" if te else "local",
+        "requested_impl": model_cfg.transformer_impl,
+        "transformer_engine_version": _te_version() if te else None,
+        "fp8": model_cfg.fp8,
+        "fp8_recipe": model_cfg.fp8_recipe if model_cfg.fp8 else None,
+        "params_dtype": model_cfg.params_dtype,
+    }
+
+
+def describe_layers(resolved: dict[str, str | None]) -> str:
+    impl = resolved["transformer_impl"]
+    if resolved["transformer_engine_version"]:
+        impl += f" {resolved['transformer_engine_version']}"
+    precision = f"FP8 {resolved['fp8']}/{resolved['fp8_recipe']}" if resolved["fp8"] else "no FP8"
+    requested = resolved["requested_impl"]
+    return f"{impl} layers (transformer_impl={requested}), {resolved['params_dtype']}, {precision}"
+
+
+def _te_version() -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("transformer-engine")
+    except PackageNotFoundError:
+        return None
+
+
 def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
     padded = math.ceil(vocab_size / divisible_by) * divisible_by
     if padded % tp:

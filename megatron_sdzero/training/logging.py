@@ -19,6 +19,8 @@ from megatron_sdzero.training.config import LoggingConfig
 from megatron_sdzero.training.flops import FlopsModel, mfu, tflops_per_gpu
 from megatron_sdzero.training.step import StepResult
 
+RESOLVED_LAYERS_FILE = "resolved_layers.json"
+
 
 def is_logging_rank() -> bool:
     return not dist.is_initialized() or dist.get_rank() == dist.get_world_size() - 1
@@ -98,6 +100,7 @@ class StepLogger:
             self._open(start_iteration, run_name, run_config)
 
     def _open(self, start_iteration: int, run_name: str, run_config: dict[str, Any] | None) -> None:
+        run_config = self._with_resolved_layers(run_config)
         self.tensorboard = _tensorboard_writer(self.config, self.run_dir)
         self.wandb = _wandb_run(self.config, run_name, run_config)
         if self.config.progress:
@@ -110,6 +113,19 @@ class StepLogger:
                 unit="it",
                 dynamic_ncols=True,
             )
+
+    def _with_resolved_layers(self, run_config: dict[str, Any] | None) -> dict[str, Any] | None:
+        """The run's config plus what its models were built with (TE or local, FP8 recipe), which
+        "auto" and the machine decide; also written to <run_dir>/resolved_layers.json."""
+        from megatron_sdzero.training.setup import RESOLVED_LAYERS
+
+        if not RESOLVED_LAYERS:
+            return run_config
+        layers = {role: dict(resolved) for role, resolved in RESOLVED_LAYERS.items()}
+        if self.run_dir is not None:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / RESOLVED_LAYERS_FILE).write_text(json.dumps(layers, indent=2) + "\n")
+        return {**(run_config or {}), "resolved_layers": layers}
 
     def log(
         self,

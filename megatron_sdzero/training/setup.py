@@ -13,10 +13,19 @@ from typing import Any
 import torch
 
 from megatron_sdzero.models.architecture import DecoderArchitecture
-from megatron_sdzero.models.builder import ModelConfig, build_gpt_model, transformer_config
+from megatron_sdzero.models.builder import (
+    ModelConfig,
+    build_gpt_model,
+    describe_layers,
+    resolved_layers,
+    transformer_config,
+)
 from megatron_sdzero.training.config import TrainConfig
 
 _DECAY_STYLE = {"cosine": "cosine", "constant": "constant", "linear": "linear"}
+# What each model of this process was built with ("trained", "frozen"); StepLogger records it with the
+# run's config.
+RESOLVED_LAYERS: dict[str, dict[str, str | None]] = {}
 
 
 @dataclass
@@ -28,6 +37,7 @@ class Trainable:
     scheduler: Any  # megatron.core.optimizer_param_scheduler.OptimizerParamScheduler
     config: Any  # megatron.core.transformer.TransformerConfig shared by the chunks
     train_iters: int
+    layers: dict[str, str | None]  # resolved_layers(): TE or local, FP8 format and recipe
 
     @property
     def modules(self) -> list[Any]:
@@ -73,8 +83,20 @@ def build_model_chunks(arch: DecoderArchitecture, model_cfg: ModelConfig, config
     return [build_gpt_model(arch, model_cfg, config=config, vp_stage=stage) for stage in stages]
 
 
+def announce_layers(role: str, model_cfg: ModelConfig) -> dict[str, str | None]:
+    """Resolve, print (first rank) and record what a model is built with."""
+    import torch.distributed as dist
+
+    resolved = resolved_layers(model_cfg)
+    RESOLVED_LAYERS[role] = resolved
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(f"[sdzero] {role} model: {describe_layers(resolved)}", flush=True)
+    return resolved
+
+
 def build_frozen(arch: DecoderArchitecture, model_cfg: ModelConfig, **config_overrides: Any) -> list[Any]:
     """Forward-only model chunks: eval mode, no gradients, no DDP, no optimizer."""
+    announce_layers("frozen", model_cfg)
     config = model_transformer_config(arch, model_cfg, **config_overrides)
     chunks = build_model_chunks(arch, model_cfg, config)
     for chunk in chunks:
@@ -165,6 +187,7 @@ def setup_trainable(
     from megatron.core.distributed import DistributedDataParallel
     from megatron.core.optimizer import get_megatron_optimizer
 
+    layers = announce_layers("trained", model_cfg)
     config = model_transformer_config(arch, model_cfg, calculate_per_token_loss=True, **config_overrides)
     chunks = build_model_chunks(arch, model_cfg, config)
     ddp_config = _ddp_config(train)
@@ -178,7 +201,12 @@ def setup_trainable(
     _install_schedule_hooks(config, model, optimizer, train)
     scheduler = _scheduler(optimizer, train, train_iters)
     return Trainable(
-        model=model, optimizer=optimizer, scheduler=scheduler, config=config, train_iters=train_iters
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        config=config,
+        train_iters=train_iters,
+        layers=layers,
     )
 
 
