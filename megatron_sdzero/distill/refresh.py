@@ -19,7 +19,6 @@ timed; the seconds are logged with every step.
 
 from __future__ import annotations
 
-import functools
 import logging
 import shutil
 import time
@@ -124,60 +123,10 @@ def prune_versions(root: Path, keep: int) -> list[Path]:
 
 
 def load_in_memory(engine: Any, pairs: Iterable[tuple[str, torch.Tensor]], bucket_mb: int = 1024) -> int:
-    """Stream HF tensors into a live engine; returns how many were loaded."""
-    from megatron_sdzero.rollout.hf_engine import HFEngine
-
-    if isinstance(engine, HFEngine):
-        return _load_into_hf_engine(engine, pairs)
-    from megatron_sdzero.rollout.vllm_engine import VLLMEngine
-
-    if isinstance(engine, VLLMEngine):
-        return _load_into_vllm(engine, pairs, bucket_mb)
-    raise TypeError(f"no in-memory refresh for {type(engine).__name__}; use refresh.mode=disk")
-
-
-@torch.no_grad()
-def _load_into_hf_engine(engine: Any, pairs: Iterable[tuple[str, torch.Tensor]]) -> int:
-    state = engine.model.state_dict()
-    seen = set()
-    for name, tensor in pairs:
-        if name not in state:
-            raise KeyError(f"the rollout model has no tensor {name}")
-        if state[name].shape != tensor.shape:
-            raise ValueError(f"{name}: engine shape {tuple(state[name].shape)}, sent {tuple(tensor.shape)}")
-        state[name].copy_(tensor)
-        seen.add(name)
-    missing = {n for n, _ in engine.model.named_parameters()} - seen
-    if missing:
-        raise KeyError(f"refresh left rollout parameters unchanged: {sorted(missing)[:5]}...")
-    return len(seen)
-
-
-def _load_into_vllm(engine: Any, pairs: Iterable[tuple[str, torch.Tensor]], bucket_mb: int) -> int:
-    engine.wake_up()
-    limit, bucket, size, loaded = bucket_mb * 2**20, [], 0, 0
-    for name, tensor in pairs:
-        bucket.append((name, tensor.detach()))
-        size += tensor.numel() * tensor.element_size()
-        if size >= limit:
-            loaded += _vllm_apply(engine, bucket)
-            bucket, size = [], 0
-    if bucket:
-        loaded += _vllm_apply(engine, bucket)
-    engine._llm.reset_prefix_cache()  # no KV block computed with the old weights may be reused
-    return loaded
-
-
-def _vllm_apply(engine: Any, bucket: list[tuple[str, torch.Tensor]]) -> int:
-    results = engine._llm.apply_model(functools.partial(_vllm_load_bucket, weights=bucket))
-    return len(bucket) if any(results) else 0
-
-
-def _vllm_load_bucket(model: Any, weights: list[tuple[str, torch.Tensor]]) -> int:
-    """Runs in each vLLM worker (in-process under the external launcher)."""
-    device = next(model.parameters()).device
-    model.load_weights((name, tensor.to(device, non_blocking=True)) for name, tensor in weights)
-    return len(weights)
+    """Stream HF tensors into a live engine (its ``load_weights``); returns how many were loaded."""
+    if not hasattr(engine, "load_weights"):
+        raise TypeError(f"{type(engine).__name__} has no in-memory weight loading; use refresh.mode=disk")
+    return engine.load_weights(pairs, bucket_mb=bucket_mb)
 
 
 # --- the probe ---------------------------------------------------------------------------------------

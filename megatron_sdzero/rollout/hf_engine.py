@@ -9,7 +9,7 @@ resume and reproduce exactly the samples an uninterrupted run would have drawn.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -56,6 +56,25 @@ class HFEngine:
     def reload(self, hf_dir: str | Path) -> None:
         self.model = self._load(hf_dir)
         self.model_path = Path(hf_dir)
+
+    @torch.no_grad()
+    def load_weights(self, pairs: Iterable[tuple[str, torch.Tensor]], bucket_mb: int = 0) -> int:
+        """Copy HF-named tensors into the live model (in-memory refresh); every parameter must arrive."""
+        state = self.model.state_dict()
+        seen = set()
+        for name, tensor in pairs:
+            if name not in state:
+                raise KeyError(f"the rollout model has no tensor {name}")
+            if state[name].shape != tensor.shape:
+                raise ValueError(
+                    f"{name}: engine shape {tuple(state[name].shape)}, sent {tuple(tensor.shape)}"
+                )
+            state[name].copy_(tensor)
+            seen.add(name)
+        missing = {n for n, _ in self.model.named_parameters()} - seen
+        if missing:
+            raise KeyError(f"refresh left rollout parameters unchanged: {sorted(missing)[:5]}...")
+        return len(seen)
 
     def close(self) -> None:
         self.model = None

@@ -25,7 +25,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-from collections.abc import Iterator, MutableMapping, Sequence
+from collections.abc import Iterable, Iterator, MutableMapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +88,26 @@ class VLLMEngine:
             raise RuntimeError(f"vLLM loaded no weights from {hf_dir}")
         self._llm.reset_prefix_cache()
         self.model_path = Path(hf_dir)
+
+    def load_weights(self, pairs: Iterable[tuple[str, Any]], bucket_mb: int = 1024) -> int:
+        """In-memory refresh: HF-named tensors into ``model.load_weights`` in every vLLM worker, in
+        buckets of about ``bucket_mb``; the prefix cache is dropped after (its KV came from old weights)."""
+        self.wake_up()
+        limit, bucket, size, loaded = bucket_mb * 2**20, [], 0, 0
+        for name, tensor in pairs:
+            bucket.append((name, tensor.detach()))
+            size += tensor.numel() * tensor.element_size()
+            if size >= limit:
+                loaded += self._apply_bucket(bucket)
+                bucket, size = [], 0
+        if bucket:
+            loaded += self._apply_bucket(bucket)
+        self._llm.reset_prefix_cache()
+        return loaded
+
+    def _apply_bucket(self, bucket: list[tuple[str, Any]]) -> int:
+        results = self._llm.apply_model(functools.partial(load_weights_bucket, weights=bucket))
+        return len(bucket) if any(results) else 0
 
     def close(self) -> None:
         self._llm = None
@@ -187,6 +207,13 @@ def to_completion(output: Any, want_logprobs: Any) -> Completion:
     if want_logprobs is not None and output.logprobs is not None:
         logprobs = [step[token].logprob for step, token in zip(output.logprobs, token_ids, strict=True)]
     return Completion(token_ids, output.text, output.finish_reason or "length", logprobs)
+
+
+def load_weights_bucket(model: Any, weights: list[tuple[str, Any]]) -> int:
+    """Runs in each vLLM worker (in-process under the external launcher)."""
+    device = next(model.parameters()).device
+    model.load_weights((name, tensor.to(device, non_blocking=True)) for name, tensor in weights)
+    return len(weights)
 
 
 def load_weights_from_dir(model: Any, hf_dir: str) -> int:
