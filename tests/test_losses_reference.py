@@ -43,6 +43,9 @@ class Case:
     teacher_dtype: torch.dtype = torch.float32
     neg_inf_columns: tuple[int, ...] = ()
     inf_masked_row: bool = False
+    # Finite teacher logits per row of every other row (cycling through the tuple), fewer than some
+    # top-k: the teacher is -inf at the other valid ids, and so is the student.
+    teacher_support: tuple[int, ...] = ()
 
 
 TOP_DISTINCT = 80  # more than any k the tests use, so no top-k cut falls inside a tie
@@ -62,6 +65,19 @@ def _bf16_teacher_without_ties_at_the_top(shape: tuple[int, ...], case: Case, ge
     return teacher.scatter_(-1, columns, planted.expand(columns.shape).contiguous())
 
 
+def _rule_out_teacher_ids(student: torch.Tensor, teacher: torch.Tensor, case: Case, gen) -> None:
+    """In place: rows 1, 3, ... (flattened) keep teacher_support[i] finite valid teacher logits (i
+    cycling): id 0 and random others; the other valid ids are -inf in both (padding columns stay
+    finite garbage). Id 0 is where an empty candidate slot used to point."""
+    valid = case.valid_vocab or case.vocab
+    flat_s, flat_t = student.view(-1, case.vocab), teacher.view(-1, case.vocab)
+    for index, row in enumerate(range(1, flat_t.shape[0], 2)):
+        support = case.teacher_support[index % len(case.teacher_support)]
+        ruled_out = 1 + torch.randperm(valid - 1, generator=gen)[support - 1 :]
+        flat_s[row, ruled_out] = float("-inf")
+        flat_t[row, ruled_out] = float("-inf")
+
+
 def make_inputs(case: Case) -> dict[str, torch.Tensor]:
     """Logits [seq, batch, vocab] (Megatron's layout), mask [seq, batch], per-sample weights [1, batch]."""
     gen = torch.Generator().manual_seed(case.seed)
@@ -76,6 +92,8 @@ def make_inputs(case: Case) -> dict[str, torch.Tensor]:
     if case.neg_inf_columns:
         student[..., list(case.neg_inf_columns)] = float("-inf")
         teacher[..., list(case.neg_inf_columns)] = float("-inf")
+    if case.teacher_support:
+        _rule_out_teacher_ids(student, teacher, case, gen)
     loss_mask = (torch.rand(case.seq, case.batch, generator=gen) > 0.3).to(torch.float32)
     loss_mask[0, :] = 0.0  # a fully masked position (a prompt token of every sample)
     loss_mask[1, 0] = 1.0
@@ -110,12 +128,14 @@ def _bucket_divergence(u: torch.Tensor, v: torch.Tensor, config: DistillLossConf
 
 
 def _row_buckets(s: torch.Tensor, t: torch.Tensor, config: DistillLossConfig):
-    """Bucket logits of one row over the kept ids (valid and not -inf in both)."""
+    """Bucket logits of one row over the kept ids (valid and not -inf in both). The top-k ids are
+    the teacher's min(k, finite) largest finite logits: an id the teacher rules out is no candidate."""
     kept = torch.isfinite(s.detach()) | torch.isfinite(t)
     s, t = s[kept], t[kept]
     if config.top_k is None:
         return s, t
-    top = torch.topk(t, config.top_k).indices
+    finite = torch.isfinite(t).nonzero().squeeze(1)
+    top = finite[torch.topk(t[finite], min(config.top_k, finite.numel())).indices]
     if not config.top_k_tail:
         return s[top], t[top]
     rest = torch.ones_like(t, dtype=torch.bool)
@@ -217,6 +237,8 @@ def _variants() -> list[dict]:
         # a large common offset keeps probabilities spread: any rounding of x/T shows in the gradient
         {"tag": "offset-1e4-T0.7", "offset": 1e4, "temperature": 0.7},
         {"tag": "neg-inf", "neg_inf_columns": (7, 40, 41, 88), "inf_masked_row": True},
+        # rows with fewer finite teacher logits than k = 5 or 56: the cut falls among -inf ties
+        {"tag": "few-finite-teacher", "teacher_support": (1, 3, 30)},
     ]
 
 

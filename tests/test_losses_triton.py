@@ -391,9 +391,17 @@ TOP_K_INTERPRETER_CASES = [
     ("mixed-top5/neg-inf", 16),
     ("forward-top56-tail/fp32-student-bf16-teacher", 128),
     ("reverse-top56-tail/extreme-1e4", 16),
+    # rows with fewer finite teacher logits than k: the kernel's columns include -inf ones
+    ("mixed-top5-tail/few-finite-teacher", 128),
+    ("jsd-top56/few-finite-teacher", 128),
 ]
-# TP = 2: k = 56 is larger than a shard (48 columns); the candidates the global pick leaves out join the tail.
-TOP_K_INTERPRETER_TP2_CASES = [("reverse-top56-tail/bf16-T0.7", 128)]
+# TP = 2: k = 56 is larger than a shard (48 columns); the candidates the global pick leaves out join
+# the tail; with few finite teacher logits the cut falls among -inf ties and empty slots.
+TOP_K_INTERPRETER_TP2_CASES = [
+    ("reverse-top56-tail/bf16-T0.7", 128),
+    ("forward-top56-tail/few-finite-teacher", 128),
+    ("mixed-top56/few-finite-teacher", 128),
+]
 
 
 @contextlib.contextmanager

@@ -3,7 +3,8 @@
 The k ids are the teacher's most likely ones over the whole vocabulary: every rank takes its local
 top-k (at most its shard width), the candidates are all-gathered over the tensor-parallel group and
 every rank picks the same global top-k from them. The student's logits at those ids are gathered
-from their owners (all-reduce MAX of [tokens, k]).
+from their owners (all-reduce MAX of [tokens, k]). Ids whose teacher logit is -inf are never among
+the k (see ``_global_top_k``): a row with fewer finite teacher logits keeps fewer buckets.
 
 Two ways to form distributions over "buckets" from the k ids:
 - renormalised (the reference code): k buckets, both softmaxes taken over the k ids only;
@@ -52,6 +53,9 @@ from megatron_sdzero.losses.parallel import (
     group_rank,
 )
 
+# Id of a top-k slot without a real candidate (see _global_top_k): below every shard's range.
+NO_ID = -1
+
 if TYPE_CHECKING:  # the module imports triton: only the GPU path loads it
     from megatron_sdzero.losses._triton_topk import LocalTopK
 
@@ -97,32 +101,46 @@ def _candidate_widths(k: int, shard: VocabShard) -> tuple[int, int]:
     return width, min(width, shard.valid_columns)
 
 
+def _empty_candidates(n_rows: int, width: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """[tokens, width] candidate slots before any is filled: teacher logit -inf, id ``NO_ID``. A rank
+    whose shard holds fewer valid ids than the common width leaves the last ones empty."""
+    values = torch.full((n_rows, width), float("-inf"), dtype=torch.float32, device=device)
+    return values, torch.full((n_rows, width), NO_ID, dtype=torch.int64, device=device)
+
+
 def _global_top_k(
     values: torch.Tensor, ids: torch.Tensor, k: int, shard: VocabShard
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Every rank's candidates gathered, the k largest kept: (ids, values, positions picked)."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every rank's candidates gathered, the k largest kept: (ids, values, positions picked, which
+    picks are real).
+
+    A pick whose teacher logit is -inf is no candidate: with fewer finite teacher logits than k the
+    cut falls among -inf ties, which may be an empty slot or an id the teacher rules out, chosen by
+    tie-breaking. Such picks get id ``NO_ID``, which no rank owns: they gather no
+    student logit (their bucket is empty on both sides), get no gradient and, with the tail, every
+    id they would have held stays in the tail. So the top-k is the teacher's min(k, finite) best ids
+    on every TP size."""
     all_values = all_gather_last_dim(values, shard.group)
     all_ids = all_gather_last_dim(ids, shard.group)
     top_values, picked = all_values.topk(k, dim=-1)
-    return all_ids.gather(1, picked), top_values, picked
+    real = top_values > float("-inf")
+    return torch.where(real, all_ids.gather(1, picked), NO_ID), top_values, picked, real
 
 
 def select_teacher_top_k(
     teacher: torch.Tensor, active: torch.Tensor, k: int, settings: PassSettings
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Global top-k ids [tokens, k] of the teacher and its logits there (float32, unscaled); inactive
-    rows get id 0."""
+    """Global top-k ids [tokens, k] of the teacher and its logits there (float32, unscaled); slots
+    without a finite teacher logit (all of an inactive row's) get id ``NO_ID``."""
     shard = settings.shard
     width, local_k = _candidate_widths(k, shard)
-    n_rows = teacher.shape[0]
-    values = torch.full((n_rows, width), float("-inf"), dtype=torch.float32, device=teacher.device)
-    ids = torch.zeros((n_rows, width), dtype=torch.int64, device=teacher.device)
+    values, ids = _empty_candidates(teacher.shape[0], width, teacher.device)
     for rows in _row_chunks(active, settings.chunk_tokens) if local_k > 0 else ():
         # top-k in the logits' own dtype over the valid columns: no float32 copy of the chunk
         chunk_values, chunk_cols = teacher[rows][:, : shard.valid_columns].topk(local_k, dim=-1)
         values[rows, :local_k] = chunk_values.to(torch.float32)
         ids[rows, :local_k] = chunk_cols + shard.start
-    top_ids, top_values, _ = _global_top_k(values, ids, k, shard)
+    top_ids, top_values, _, _ = _global_top_k(values, ids, k, shard)
     return top_ids, top_values
 
 
@@ -214,20 +232,22 @@ def _candidates_at(
     teacher: torch.Tensor, columns: torch.Tensor, active: torch.Tensor, width: int, settings: PassSettings
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """This rank's candidates [tokens, width] for the global pick, laid out as on the PyTorch path:
-    teacher logits (unscaled) and global ids at ``columns``, then -inf / id 0 up to ``width``."""
+    teacher logits (unscaled) and global ids at ``columns``, then empty slots up to ``width``."""
     n_rows, local_k = columns.shape
-    values = torch.full((n_rows, width), float("-inf"), dtype=torch.float32, device=teacher.device)
-    ids = torch.zeros((n_rows, width), dtype=torch.int64, device=teacher.device)
+    values, ids = _empty_candidates(n_rows, width, teacher.device)
     picked = teacher.gather(1, columns).to(torch.float32)
     values[:, :local_k] = torch.where(active[:, None], picked, float("-inf"))
     ids[:, :local_k] = columns + settings.shard.start
     return values, ids
 
 
-def _left_out_here(picked: torch.Tensor, width: int, local_k: int, shard: VocabShard) -> torch.Tensor:
-    """[tokens, local_k]: which of this rank's candidates the global pick did not keep."""
+def _left_out_here(
+    picked: torch.Tensor, real: torch.Tensor, width: int, local_k: int, shard: VocabShard
+) -> torch.Tensor:
+    """[tokens, local_k]: which of this rank's candidates the global pick did not keep (as a real
+    pick: a -inf teacher logit is never kept)."""
     kept = torch.zeros(picked.shape[0], width * shard.tp_size, dtype=torch.bool, device=picked.device)
-    kept.scatter_(1, picked, True)
+    kept.scatter_(1, picked, real)
     begin = group_rank(shard.group) * width
     return ~kept[:, begin : begin + local_k]
 
@@ -255,10 +275,10 @@ def _select_with_kernels(
         columns, found_tail = _redo_overflow_rows(found, teacher, student if with_tail else None, settings)
         local_tail = local_tail if found_tail is None else found_tail
     values, ids = _candidates_at(teacher, columns, active, width, settings)
-    top_ids, top_values, picked = _global_top_k(values, ids, k, shard)
+    top_ids, top_values, picked, real = _global_top_k(values, ids, k, shard)
     if not with_tail:
         return top_ids, top_values, None
-    left_out = _left_out_here(picked, width, local_k, shard) & active[:, None]
+    left_out = _left_out_here(picked, real, width, local_k, shard) & active[:, None]
     tails = _tails_with(local_tail, left_out, values[:, :local_k], student, columns, settings)
     return top_ids, top_values, tails
 
