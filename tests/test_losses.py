@@ -413,5 +413,6 @@ def test_reference_cases_cover_the_issue() -> None:
     names = set(CASE_BY_NAME)
     for kind in ("reverse", "forward", "mixed", "jsd"):
         for mode in ("full", "top5", "top56", "top5-tail", "top56-tail"):
-            for tag in ("fp32", "bf16-T0.7", "extreme-1e4", "neg-inf", "few-finite-teacher"):
+            tags = ("fp32", "bf16-T0.7", "extreme-1e4", "neg-inf", "few-finite-teacher", "teacher-rules-out")
+            for tag in tags:
                 assert f"{kind}-{mode}/{tag}" in names

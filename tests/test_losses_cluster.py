@@ -395,6 +395,7 @@ def _kernel_inputs(rows: int, cols: int, n_valid: int, dtype: torch.dtype, seed:
     student[:, n_valid:] = 1e4  # vocabulary padding: finite garbage, must be excluded
     for tensor in (student, teacher):
         tensor[:, [3 % n_valid, (n_valid // 2)]] = float("-inf")
+    teacher[2, n_valid - 1] = float("-inf")  # an active row of +inf reverse KL: gradient 0
     coef = torch.rand(rows, generator=gen) * 0.1
     coef[[1, rows // 2]] = 0.0
     student[rows // 2] = float("-inf")  # an all -inf row, masked

@@ -286,6 +286,7 @@ import torch
 import test_losses_triton as T
 T.patch_triton_interpreter()
 from test_losses_reference import all_cases
+all_cases_by_name = {{case.name: case for case in all_cases()}}
 from megatron_sdzero.losses import _torch_kernels, _triton_kernels
 
 worst = 0.0
@@ -300,6 +301,8 @@ picked = [
     )
 ]
 assert len(picked) == 13, [case.name for case in picked]
+# rows of +inf reverse (and mixed) KL: gradient 0
+picked += [all_cases_by_name[f"{{kind}}-full/teacher-rules-out"] for kind in ("reverse", "mixed")]
 for case in picked:
     errors = T.check_distill(case, "cpu", "triton")
     worst = max(worst, errors["value"], errors["tokens"], errors["grad"])
@@ -336,11 +339,17 @@ def check_unfused_kernels_match_torch(torch_kernels, triton_kernels) -> None:
     for spec in (GradSpec("kl", 0.0), GradSpec("kl", 0.4), GradSpec("jsd", jsd_beta=0.3), GradSpec("ce")):
         target_cols = targets if spec.kind == "ce" else None
         teacher_arg = None if spec.kind == "ce" else teacher
+        spec_table = table.clone()
+        if spec.kind == "kl":  # an active row of +inf reverse KL: gradient 0 on both
+            spec_table[1, 4] = float("inf")
         grads = [
-            k.divergence_grad(student, teacher_arg, table, coef, target_cols, shard, 1.3, spec, 4).float()
+            k.divergence_grad(
+                student, teacher_arg, spec_table, coef, target_cols, shard, 1.3, spec, 4
+            ).float()
             for k in (torch_kernels, triton_kernels)
         ]
-        torch.testing.assert_close(grads[1], grads[0], rtol=2**-7, atol=1e-6)
+        assert spec.kind != "kl" or (grads[1][1] == 0).all()
+        torch.testing.assert_close(grads[1].float(), grads[0].float(), rtol=2**-7, atol=1e-6)
     sums = [
         k.jsd_local_sums(student, teacher, active, table, shard, 1.3, 0.3, 4)
         for k in (torch_kernels, triton_kernels)
@@ -394,6 +403,7 @@ TOP_K_INTERPRETER_CASES = [
     # rows with fewer finite teacher logits than k: the kernel's columns include -inf ones
     ("mixed-top5-tail/few-finite-teacher", 128),
     ("jsd-top56/few-finite-teacher", 128),
+    ("reverse-top5-tail/teacher-rules-out", 128),  # the tail holds student mass only: +inf, gradient 0
 ]
 # TP = 2: k = 56 is larger than a shard (48 columns); the candidates the global pick leaves out join
 # the tail; with few finite teacher logits the cut falls among -inf ties and empty slots.

@@ -43,6 +43,7 @@ from megatron_sdzero.losses._torch_kernels import (
     _scaled_shift,
     _shift_by_max,
     _weighted_sum,
+    infinite_reverse,
 )
 from megatron_sdzero.losses.full_vocab import PassSettings, row_coefficients
 from megatron_sdzero.losses.parallel import (
@@ -90,7 +91,10 @@ def bucket_divergence(
     forward = _weighted_sum(q, lq - lp)
     w = spec.forward_weight
     reverse_grad = torch.where(p > 0, p * (lp - lq - reverse[:, None]), 0.0)
-    return _mix(w, reverse, forward), _mix(w, reverse_grad, p - q)
+    grad = _mix(w, reverse_grad, p - q)
+    if w < 1.0:  # the tail holds student mass and no teacher mass: value +inf, gradient 0
+        grad = torch.where(infinite_reverse(reverse)[:, None], 0.0, grad)
+    return _mix(w, reverse, forward), grad
 
 
 def _candidate_widths(k: int, shard: VocabShard) -> tuple[int, int]:
