@@ -22,14 +22,13 @@ and every id in the tail shares the tail bucket's gradient in proportion to its 
 Backends: when the full-vocabulary passes run on Triton (CUDA tensors, or backend="triton"), the
 local top-k, both local tails and the tail gradient come from ``_triton_topk.py`` (ties at the cut go
 to the lowest id, as with CUDA's torch.topk); the candidates that the global pick leaves out join the
-tails here. k above 256 per shard and rows the kernel flags (candidates overflowing its scratch list)
-take the chunked PyTorch code, which is also the CPU path.
+tails here. That path waits for the GPU nowhere (no host sync). k above 256 per shard takes the
+chunked PyTorch code, which is also the CPU path.
 """
 
 from __future__ import annotations
 
 from types import ModuleType
-from typing import TYPE_CHECKING
 
 import torch
 
@@ -56,9 +55,6 @@ from megatron_sdzero.losses.parallel import (
 
 # Id of a top-k slot without a real candidate (see _global_top_k): below every shard's range.
 NO_ID = -1
-
-if TYPE_CHECKING:  # the module imports triton: only the GPU path loads it
-    from megatron_sdzero.losses._triton_topk import LocalTopK
 
 
 def _mix(forward_weight: float, reverse: torch.Tensor, forward: torch.Tensor) -> torch.Tensor:
@@ -214,24 +210,6 @@ def top_k_kernels(settings: PassSettings, k: int) -> ModuleType | None:
     return _triton_topk if min(k, settings.shard.size) <= _triton_topk.MAX_TOP_K else None
 
 
-def _redo_overflow_rows(
-    found: LocalTopK, teacher: torch.Tensor, student: torch.Tensor | None, settings: PassSettings
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(local columns, local tails) with the rows the kernel could not finish (massive ties at
-    its threshold) recomputed by the PyTorch path; one host sync to check."""
-    columns, tail, overflow = found.columns, found.tail, found.overflow
-    if not bool(overflow.any()):
-        return columns, tail
-    shard, local_k = settings.shard, columns.shape[1]
-    for rows in _row_chunks(overflow, settings.chunk_tokens):
-        columns[rows] = teacher[rows][:, : shard.valid_columns].topk(local_k, dim=-1).indices
-    if tail is not None:
-        ids = columns + shard.start
-        redone = [_local_tail_stats(x, ids, overflow, settings) for x in (teacher, student)]
-        tail = torch.where(overflow[:, None], torch.cat(redone, dim=1), tail)
-    return columns, tail
-
-
 def _candidates_at(
     teacher: torch.Tensor, columns: torch.Tensor, active: torch.Tensor, width: int, settings: PassSettings
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -271,13 +249,13 @@ def _select_with_kernels(
     width, local_k = _candidate_widths(k, shard)
     n_rows = teacher.shape[0]
     columns = torch.zeros(n_rows, local_k, dtype=torch.int64, device=teacher.device)
-    local_tail = torch.tensor([NEG_BIG, 0.0, NEG_BIG, 0.0], device=teacher.device).repeat(n_rows, 1)
+    local_tail = kernels.neutral_tails(n_rows, teacher.device)
     if local_k > 0:
         found = kernels.local_top_k(
             teacher, student if with_tail else None, active, local_k, shard, settings.inv_temp
         )
-        columns, found_tail = _redo_overflow_rows(found, teacher, student if with_tail else None, settings)
-        local_tail = local_tail if found_tail is None else found_tail
+        columns = found.columns
+        local_tail = local_tail if found.tail is None else found.tail
     values, ids = _candidates_at(teacher, columns, active, width, settings)
     top_ids, top_values, picked, real = _global_top_k(values, ids, k, shard)
     if not with_tail:
@@ -348,7 +326,8 @@ class TopKDivergence(torch.autograd.Function):
         student_top = gather_student_at(student, ids, settings)
         u = _bucket_logits(student_top, student_tail, settings.inv_temp)
         v = _bucket_logits(teacher_top, teacher_tail, settings.inv_temp)
-        u[~active], v[~active] = 0.0, 0.0
+        u.masked_fill_(~active[:, None], 0.0)  # not u[~active] = 0: boolean indexing syncs
+        v.masked_fill_(~active[:, None], 0.0)
         values, bucket_grad = bucket_divergence(u, v, spec)
         values = torch.where(active, values, 0.0)
         tail = student_tail if with_tail else torch.empty(0, device=student.device)
@@ -365,10 +344,24 @@ class TopKDivergence(torch.autograd.Function):
             grad = _tail_grad(ctx.kernels, student, tail, scaled[:, -1], settings)
         else:
             grad = torch.zeros_like(student)
-        rows, cols = _owned_columns(ids, settings.shard)
-        owned = settings.shard.owns(ids)
-        grad[rows, cols] = scaled[:, : ids.shape[1]][owned].to(grad.dtype)
+        _write_top_k_grad(grad, ids, scaled[:, : ids.shape[1]], settings.shard)
         return grad, None, None, None, None, None, None
+
+
+def _write_top_k_grad(grad: torch.Tensor, ids: torch.Tensor, values: torch.Tensor, shard: VocabShard) -> None:
+    """In place: grad[row, id - start] = values[row, slot] for the ids this rank owns, with no host
+    sync (boolean indexing would wait for the GPU). One scatter over every slot: a slot of an id
+    owned elsewhere (or ``NO_ID``) writes, again, a value that is already there (the row's first
+    owned slot's, or else column 0's current one), so duplicate targets carry equal values and the
+    result does not depend on the order of the writes."""
+    owned = shard.owns(ids)
+    cols = (ids - shard.start).clamp(0, shard.size - 1)
+    values = values.to(grad.dtype)
+    first = owned.to(torch.int32).argmax(dim=1, keepdim=True)  # the first owned slot, 0 when none
+    has_owned = owned.any(dim=1, keepdim=True)
+    spare_col = torch.where(has_owned, cols.gather(1, first), 0)
+    spare_value = torch.where(has_owned, values.gather(1, first), grad[:, :1])
+    grad.scatter_(1, torch.where(owned, cols, spare_col), torch.where(owned, values, spare_value))
 
 
 def _tail_grad(
