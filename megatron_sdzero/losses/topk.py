@@ -116,10 +116,10 @@ def _global_top_k(
 
     A pick whose teacher logit is -inf is no candidate: with fewer finite teacher logits than k the
     cut falls among -inf ties, which may be an empty slot or an id the teacher rules out, chosen by
-    tie-breaking. Such picks get id ``NO_ID``, which no rank owns: they gather no
-    student logit (their bucket is empty on both sides), get no gradient and, with the tail, every
-    id they would have held stays in the tail. So the top-k is the teacher's min(k, finite) best ids
-    on every TP size."""
+    tie-breaking. Such picks get id ``NO_ID``, which no rank owns: they gather no student logit
+    (their bucket is empty on both sides), get no gradient and, with the tail, every id outside the
+    real picks stays in the tail. So the top-k is the teacher's min(k, finite) best ids on every TP
+    size."""
     all_values = all_gather_last_dim(values, shard.group)
     all_ids = all_gather_last_dim(ids, shard.group)
     top_values, picked = all_values.topk(k, dim=-1)
