@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -181,6 +182,41 @@ def test_config_rejects_bad_values() -> None:
         )
 
 
+# The smallest case of teacher top-k with fewer finite teacher logits than k on a padded shard: 6 valid
+# ids of 8, k = 4, two finite teacher logits. Only ids 0 and 1 form buckets: KL(softmax(2, 1) ||
+# softmax(1, 2)) = tanh(1 / 2) = 0.4621171573, and only they get a gradient.
+_INF = float("inf")
+SMALLEST_TOP_K_STUDENT = torch.tensor([[2.0, 1.0, -_INF, -_INF, -_INF, -_INF, 5.0, 5.0]])
+SMALLEST_TOP_K_TEACHER = torch.tensor([[1.0, 2.0, -_INF, -_INF, -_INF, -_INF, 7.0, 7.0]])
+SMALLEST_TOP_K_VALUE = math.tanh(0.5)
+
+
+def smallest_top_k_case(tp_size: int = 1, shard_index: int = 0, group=None) -> tuple[float, torch.Tensor]:
+    """(loss, this shard's gradient) of the smallest case above on one rank's shard."""
+    width = 8 // tp_size
+    cols = slice(shard_index * width, (shard_index + 1) * width)
+    student = SMALLEST_TOP_K_STUDENT[:, cols].clone().requires_grad_()
+    loss, _ = distill_loss(
+        student, SMALLEST_TOP_K_TEACHER[:, cols], torch.ones(1), config=DistillLossConfig(top_k=4),
+        valid_vocab_size=6, tp_group=group,
+    )  # fmt: skip
+    loss.backward()
+    return loss.item(), student.grad
+
+
+def smallest_top_k_expected_grad() -> torch.Tensor:
+    """d KL / d student: p (log p - log q - KL) at ids 0 and 1, zero elsewhere."""
+    p = torch.softmax(torch.tensor([2.0, 1.0], dtype=torch.float64), 0)
+    grad = p * (torch.tensor([1.0, -1.0], dtype=torch.float64) - SMALLEST_TOP_K_VALUE)
+    return torch.cat([grad, torch.zeros(6, dtype=torch.float64)])[None]
+
+
+def test_top_k_with_fewer_finite_teacher_logits_than_k() -> None:
+    loss, grad = smallest_top_k_case()
+    assert abs(loss - 0.4621171573) < 1e-7
+    torch.testing.assert_close(grad.double(), smallest_top_k_expected_grad(), rtol=1e-6, atol=1e-7)
+
+
 # ---------------------------------------------------------------- multi-rank (gloo, spawned once)
 
 
@@ -199,6 +235,22 @@ def _distill_checks(rank: int, groups: dict) -> dict[str, dict[str, float]]:
         if index % 2 == rank // 2:  # the two TP=2 pairs split the cases between them
             results[f"tp2/{case.name}"] = run_case(case, 2, pair_index, pair_group)
         results[f"tp4/{case.name}"] = run_case(case, 4, groups[4][1], groups[4][0])
+    return results
+
+
+def _smallest_top_k_checks(groups: dict) -> dict[str, dict[str, float]]:
+    """The smallest top-k case at TP = 2 (the second shard: 2 valid ids and 2 padding) and TP = 4
+    (the last shard holds only padding)."""
+    results = {}
+    for tp_size in (2, 4):
+        group, shard_index = groups[tp_size]
+        loss, grad = smallest_top_k_case(tp_size, shard_index, group)
+        width = 8 // tp_size
+        want = smallest_top_k_expected_grad()[:, shard_index * width : (shard_index + 1) * width]
+        results[f"smallest-top-k-tp{tp_size}"] = {
+            "value": abs(loss - SMALLEST_TOP_K_VALUE),
+            "grad": (grad.double() - want).abs().max().item(),
+        }
     return results
 
 
@@ -296,6 +348,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     try:
         groups = _tp_groups(rank)
         results = _distill_checks(rank, groups)
+        results.update(_smallest_top_k_checks(groups))
         results.update(_megatron_ce_checks(groups))
         results.update(_data_parallel_checks())
     finally:
@@ -343,6 +396,12 @@ def test_cross_entropy_equals_megatron_vocab_parallel_cross_entropy(
         assert errors["value"] <= 1.0 and errors["grad"] <= 1.0
 
 
+@pytest.mark.parametrize("tp_size", [2, 4])
+def test_top_k_with_fewer_finite_teacher_logits_than_k_tensor_parallel(multi_rank_results, tp_size) -> None:
+    for errors in _rank_results(multi_rank_results, f"smallest-top-k-tp{tp_size}"):
+        assert errors["value"] < 1e-7 and errors["grad"] < 1e-7, errors
+
+
 def test_data_parallel_global_token_mean(multi_rank_results) -> None:
     for errors in _rank_results(multi_rank_results, "dp-global-mean"):
         assert errors["count_mismatch"] == 0.0
@@ -354,5 +413,6 @@ def test_reference_cases_cover_the_issue() -> None:
     names = set(CASE_BY_NAME)
     for kind in ("reverse", "forward", "mixed", "jsd"):
         for mode in ("full", "top5", "top56", "top5-tail", "top56-tail"):
-            for tag in ("fp32", "bf16-T0.7", "extreme-1e4", "neg-inf"):
+            tags = ("fp32", "bf16-T0.7", "extreme-1e4", "neg-inf", "few-finite-teacher", "teacher-rules-out")
+            for tag in tags:
                 assert f"{kind}-{mode}/{tag}" in names

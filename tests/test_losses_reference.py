@@ -43,6 +43,10 @@ class Case:
     teacher_dtype: torch.dtype = torch.float32
     neg_inf_columns: tuple[int, ...] = ()
     inf_masked_row: bool = False
+    # Finite teacher logits per row of every other row (cycling through the tuple), fewer than some
+    # top-k: the teacher is -inf at the other valid ids, and so is the student unless student_keeps.
+    teacher_support: tuple[int, ...] = ()
+    student_keeps: bool = False
 
 
 TOP_DISTINCT = 80  # more than any k the tests use, so no top-k cut falls inside a tie
@@ -62,6 +66,21 @@ def _bf16_teacher_without_ties_at_the_top(shape: tuple[int, ...], case: Case, ge
     return teacher.scatter_(-1, columns, planted.expand(columns.shape).contiguous())
 
 
+def _rule_out_teacher_ids(student: torch.Tensor, teacher: torch.Tensor, case: Case, gen) -> None:
+    """In place: rows 1, 3, ... (flattened) keep teacher_support[i] finite valid teacher logits (i
+    cycling): id 0 and random others; the other valid ids are -inf in both (padding columns stay
+    finite garbage). Id 0 is where an empty candidate slot used to point. With student_keeps the
+    student stays finite there: the reverse (and mixed) KL is +inf outside renormalised top-k."""
+    valid = case.valid_vocab or case.vocab
+    flat_s, flat_t = student.view(-1, case.vocab), teacher.view(-1, case.vocab)
+    for index, row in enumerate(range(1, flat_t.shape[0], 2)):
+        support = case.teacher_support[index % len(case.teacher_support)]
+        ruled_out = 1 + torch.randperm(valid - 1, generator=gen)[support - 1 :]
+        if not case.student_keeps:
+            flat_s[row, ruled_out] = float("-inf")
+        flat_t[row, ruled_out] = float("-inf")
+
+
 def make_inputs(case: Case) -> dict[str, torch.Tensor]:
     """Logits [seq, batch, vocab] (Megatron's layout), mask [seq, batch], per-sample weights [1, batch]."""
     gen = torch.Generator().manual_seed(case.seed)
@@ -76,6 +95,8 @@ def make_inputs(case: Case) -> dict[str, torch.Tensor]:
     if case.neg_inf_columns:
         student[..., list(case.neg_inf_columns)] = float("-inf")
         teacher[..., list(case.neg_inf_columns)] = float("-inf")
+    if case.teacher_support:
+        _rule_out_teacher_ids(student, teacher, case, gen)
     loss_mask = (torch.rand(case.seq, case.batch, generator=gen) > 0.3).to(torch.float32)
     loss_mask[0, :] = 0.0  # a fully masked position (a prompt token of every sample)
     loss_mask[1, 0] = 1.0
@@ -95,8 +116,8 @@ def make_inputs(case: Case) -> dict[str, torch.Tensor]:
 def _bucket_divergence(u: torch.Tensor, v: torch.Tensor, config: DistillLossConfig) -> torch.Tensor:
     lp, lq = torch.log_softmax(u, -1), torch.log_softmax(v, -1)
     p, q = lp.exp(), lq.exp()
-    reverse = (p * (lp - lq)).sum()
-    forward = (q * (lq - lp)).sum()
+    reverse = _expected_log_ratio(p, lp, lq)
+    forward = _expected_log_ratio(q, lq, lp)
     if config.kind == "reverse":
         return reverse
     if config.kind == "forward":
@@ -106,16 +127,23 @@ def _bucket_divergence(u: torch.Tensor, v: torch.Tensor, config: DistillLossConf
         return w * forward + (1 - w) * reverse
     beta = config.jsd_beta
     lm = torch.logaddexp(lq + math.log(beta), lp + math.log(1 - beta))
-    return beta * (q * (lq - lm)).sum() + (1 - beta) * (p * (lp - lm)).sum()
+    return beta * _expected_log_ratio(q, lq, lm) + (1 - beta) * _expected_log_ratio(p, lp, lm)
+
+
+def _expected_log_ratio(p: torch.Tensor, lp: torch.Tensor, lq: torch.Tensor) -> torch.Tensor:
+    """sum p (log p - log q), with 0 log 0 = 0 (an outcome of probability 0 adds nothing)."""
+    return torch.where(p > 0, p * (lp - lq), 0.0).sum()
 
 
 def _row_buckets(s: torch.Tensor, t: torch.Tensor, config: DistillLossConfig):
-    """Bucket logits of one row over the kept ids (valid and not -inf in both)."""
+    """Bucket logits of one row over the kept ids (valid and not -inf in both). The top-k ids are
+    the teacher's min(k, finite) largest finite logits: an id the teacher rules out is no candidate."""
     kept = torch.isfinite(s.detach()) | torch.isfinite(t)
     s, t = s[kept], t[kept]
     if config.top_k is None:
         return s, t
-    top = torch.topk(t, config.top_k).indices
+    finite = torch.isfinite(t).nonzero().squeeze(1)
+    top = finite[torch.topk(t[finite], min(config.top_k, finite.numel())).indices]
     if not config.top_k_tail:
         return s[top], t[top]
     rest = torch.ones_like(t, dtype=torch.bool)
@@ -152,7 +180,12 @@ def reference_loss_and_grad(
     token_values = torch.stack(values)
     count = int((flat_w != 0).sum()) if num_valid_global is None else num_valid_global
     loss = (token_values * flat_w).sum() / max(count, 1)
-    (grad,) = torch.autograd.grad(loss, x) if loss.requires_grad else (torch.zeros_like(x),)
+    # A token of value +inf (reverse or mixed KL with student mass where the teacher has none) is
+    # +inf for every finite student: its gradient is 0, so it stays out of the differentiated sum.
+    finite = [value * flat_w[row] for row, value in enumerate(values) if torch.isfinite(value)]
+    differentiated = torch.stack(finite).sum() / max(count, 1) if finite else loss
+    needs_grad = differentiated.requires_grad
+    (grad,) = torch.autograd.grad(differentiated, x) if needs_grad else (torch.zeros_like(x),)
     unit = flat_w.max().item() / (max(count, 1) * config.temperature)
     return loss.item(), grad, token_values.detach().reshape(weights.shape), unit
 
@@ -217,6 +250,10 @@ def _variants() -> list[dict]:
         # a large common offset keeps probabilities spread: any rounding of x/T shows in the gradient
         {"tag": "offset-1e4-T0.7", "offset": 1e4, "temperature": 0.7},
         {"tag": "neg-inf", "neg_inf_columns": (7, 40, 41, 88), "inf_masked_row": True},
+        # rows with fewer finite teacher logits than k = 5 or 56: the cut falls among -inf ties
+        {"tag": "few-finite-teacher", "teacher_support": (1, 3, 30)},
+        # the same with the student finite where the teacher is -inf (infinite reverse KL)
+        {"tag": "teacher-rules-out", "teacher_support": (1, 3, 30), "student_keeps": True},
     ]
 
 

@@ -184,8 +184,14 @@ def test_full_vocabulary_losses_never_wait_for_the_gpu(kind: str) -> None:
             loss, _ = distill_loss(student, teacher, mask, config=config, valid_vocab_size=990)
         (loss * upstream if upstream != 1.0 else loss).backward()
 
+    assert_never_waits_for_the_gpu(step)
+
+
+def assert_never_waits_for_the_gpu(step) -> None:
+    """step(upstream) with upstream 1 and 2.5 under torch.cuda.set_sync_debug_mode("error"), after
+    a first round that compiles the kernels (and may build the extension)."""
     for upstream in (1.0, 2.5):
-        step(upstream)  # first calls compile kernels (and may build the extension): not checked
+        step(upstream)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
@@ -193,6 +199,37 @@ def test_full_vocabulary_losses_never_wait_for_the_gpu(kind: str) -> None:
             step(upstream)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize(
+    "config",
+    [
+        DistillLossConfig(kind="mixed", top_k=64),
+        DistillLossConfig(kind="reverse", top_k=64, top_k_tail=True, temperature=0.7),
+        DistillLossConfig(kind="jsd", top_k=5, top_k_tail=True),
+    ],
+    ids=lambda c: f"{c.kind}-top{c.top_k}-tail{c.top_k_tail}",
+)
+def test_top_k_losses_never_wait_for_the_gpu(config: DistillLossConfig) -> None:
+    """The Triton top-k path, forward and backward, queues work without a host sync, including
+    rows whose candidates overflow the scratch list (a row of equal teacher logits) and rows with
+    fewer finite teacher logits than k."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    logits = torch.randn(64, 1000, device="cuda", generator=gen, dtype=torch.bfloat16)
+    teacher = torch.randn(64, 1000, device="cuda", generator=gen, dtype=torch.bfloat16)
+    teacher[3] = 1.0
+    teacher[5, 2:] = float("-inf")
+    mask = (torch.rand(64, device="cuda", generator=gen) > 0.2).float()
+    mask[3] = mask[5] = 1.0
+
+    def step(upstream: float) -> None:
+        student = logits.clone().requires_grad_()
+        loss, _ = distill_loss(student, teacher, mask, config=config, valid_vocab_size=990)
+        (loss * upstream if upstream != 1.0 else loss).backward()
+
+    assert_never_waits_for_the_gpu(step)
 
 
 @pytest.mark.gpu
@@ -208,18 +245,11 @@ def test_top_k_kernels_match_torch_on_gpu() -> None:
     [c for c in _gpu_cases() if c.config.top_k is not None and c.name.endswith("-bf16")],
     ids=lambda case: case.name,
 )
-def test_top_k_rows_past_the_scratch_list_fall_back_on_gpu(case: Case) -> None:
+def test_top_k_rows_past_the_scratch_list_are_exact_on_gpu(case: Case) -> None:
     """These bf16 teachers have hundreds of tied logits at the top-64 cut: with a 64-key scratch
-    list every active row overflows and takes the PyTorch fallback, which must give the same."""
-    from megatron_sdzero.losses import _triton_topk
-    from megatron_sdzero.losses.parallel import VocabShard
-
-    inputs = make_inputs(case)
-    teacher = inputs["teacher"].reshape(-1, case.vocab).cuda()
-    active = (inputs["loss_mask"] * inputs["sample_weights"]).reshape(-1).cuda() != 0
-    shard = VocabShard(start=0, size=case.vocab, valid_vocab_size=case.valid_vocab, group=None)
+    list every active row overflows and takes the kernel's exact retry (bisection for the 64th
+    key), which must give the float64 reference's answer."""
     with scratch_keys(64):
-        assert torch.equal(_triton_topk.local_top_k(teacher, None, active, 64, shard, 1.0).overflow, active)
         _assert_ok(check_distill(case, "cuda", "auto"), case.name)
 
 
@@ -286,6 +316,7 @@ import torch
 import test_losses_triton as T
 T.patch_triton_interpreter()
 from test_losses_reference import all_cases
+all_cases_by_name = {{case.name: case for case in all_cases()}}
 from megatron_sdzero.losses import _torch_kernels, _triton_kernels
 
 worst = 0.0
@@ -300,6 +331,8 @@ picked = [
     )
 ]
 assert len(picked) == 13, [case.name for case in picked]
+# rows of +inf reverse (and mixed) KL: gradient 0
+picked += [all_cases_by_name[f"{{kind}}-full/teacher-rules-out"] for kind in ("reverse", "mixed")]
 for case in picked:
     errors = T.check_distill(case, "cpu", "triton")
     worst = max(worst, errors["value"], errors["tokens"], errors["grad"])
@@ -336,11 +369,17 @@ def check_unfused_kernels_match_torch(torch_kernels, triton_kernels) -> None:
     for spec in (GradSpec("kl", 0.0), GradSpec("kl", 0.4), GradSpec("jsd", jsd_beta=0.3), GradSpec("ce")):
         target_cols = targets if spec.kind == "ce" else None
         teacher_arg = None if spec.kind == "ce" else teacher
+        spec_table = table.clone()
+        if spec.kind == "kl":  # an active row of +inf reverse KL: gradient 0 on both
+            spec_table[1, 4] = float("inf")
         grads = [
-            k.divergence_grad(student, teacher_arg, table, coef, target_cols, shard, 1.3, spec, 4).float()
+            k.divergence_grad(
+                student, teacher_arg, spec_table, coef, target_cols, shard, 1.3, spec, 4
+            ).float()
             for k in (torch_kernels, triton_kernels)
         ]
-        torch.testing.assert_close(grads[1], grads[0], rtol=2**-7, atol=1e-6)
+        assert spec.kind != "kl" or (grads[1][1] == 0).all()
+        torch.testing.assert_close(grads[1].float(), grads[0].float(), rtol=2**-7, atol=1e-6)
     sums = [
         k.jsd_local_sums(student, teacher, active, table, shard, 1.3, 0.3, 4)
         for k in (torch_kernels, triton_kernels)
@@ -383,7 +422,7 @@ def test_triton_kernels_in_interpreter_match_float64_reference() -> None:
 
 # (case, MIN_CANDIDATES): with SDZERO_TOPK_BLOCK=32 a block has 32 lane groups, so k = 5 takes the
 # threshold pass and k = 56 (padded to 64) collects every valid column; a scratch list of 16 keys for
-# k = 56 (64 keys) is too small for the 90 valid columns, so that case runs the PyTorch fallback.
+# k = 56 (64 keys) is too small for the 90 valid columns, so that case runs the kernel's exact retry.
 TOP_K_INTERPRETER_CASES = [
     ("reverse-top5-tail/bf16-T0.7", 16),
     ("mixed-top5-tail/offset-1e4-T0.7", 16),
@@ -391,9 +430,18 @@ TOP_K_INTERPRETER_CASES = [
     ("mixed-top5/neg-inf", 16),
     ("forward-top56-tail/fp32-student-bf16-teacher", 128),
     ("reverse-top56-tail/extreme-1e4", 16),
+    # rows with fewer finite teacher logits than k: the kernel's columns include -inf ones
+    ("mixed-top5-tail/few-finite-teacher", 128),
+    ("jsd-top56/few-finite-teacher", 128),
+    ("reverse-top5-tail/teacher-rules-out", 128),  # the tail holds student mass only: +inf, gradient 0
 ]
-# TP = 2: k = 56 is larger than a shard (48 columns); the candidates the global pick leaves out join the tail.
-TOP_K_INTERPRETER_TP2_CASES = [("reverse-top56-tail/bf16-T0.7", 128)]
+# TP = 2: k = 56 is larger than a shard (48 columns); the candidates the global pick leaves out join
+# the tail; with few finite teacher logits the cut falls among -inf ties and empty slots.
+TOP_K_INTERPRETER_TP2_CASES = [
+    ("reverse-top56-tail/bf16-T0.7", 128),
+    ("forward-top56-tail/few-finite-teacher", 128),
+    ("mixed-top56/few-finite-teacher", 128),
+]
 
 
 @contextlib.contextmanager
@@ -431,20 +479,17 @@ def _check_local_top_k(
     shard = VocabShard(start=70, size=70, valid_vocab_size=131, group=None)  # 61 valid columns here
     with scratch_keys(cap):
         found = _triton_topk.local_top_k(teacher, student, active, k, shard, 1.3)
-    padded_k = 1 << (k - 1).bit_length()
-    # Only the row of equal teacher logits has more candidates (all 61) than the scratch list holds.
-    tied = torch.arange(9, device=active.device) == tied_row
-    overflow = active & tied & (max(cap, padded_k) < 61)
-    assert torch.equal(found.overflow, overflow), found.overflow
-    done = active & ~overflow
+    # The row of equal teacher logits has more candidates (all 61) than a small scratch list holds:
+    # the kernel finds its exact k-th key and collects again.
+    done = active
     columns = found.columns[done]
     assert (found.columns[~active] == 0).all()
     assert (columns.sort(dim=-1).values.diff(dim=-1) > 0).all()
     t64, s64 = (x[:, :61].double() for x in (teacher, student))
     top_values = t64.topk(k, dim=-1).values.sort(dim=-1).values[done]
     assert torch.equal(t64[done].gather(1, columns).sort(dim=-1).values, top_values)
-    if done[tied_row]:  # every teacher logit of this row is equal: ties go to the lowest columns
-        assert torch.equal(found.columns[tied_row].sort().values.cpu(), torch.arange(k))
+    # every teacher logit of this row is equal: ties go to the lowest columns
+    assert torch.equal(found.columns[tied_row].sort().values.cpu(), torch.arange(k))
     for half, x64 in enumerate((t64, s64)):
         got, want = _tail_lse(x64[done], columns, found.tail[done][:, 2 * half :], 1.3)
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-5)
@@ -454,7 +499,7 @@ def check_top_k_kernels_match_torch(device: str) -> None:
     """The top-k kernels alone, on 9 rows of 70 bf16 columns, 61 of them valid: rows are not 16-byte
     aligned, so the masked head and tail blocks move from row to row. Selected columns and both
     tails against float64, with and without the threshold pass; a row of equal teacher logits
-    overflows a small scratch list (flagged for the caller); the tail gradient against PyTorch."""
+    overflows a small scratch list (the kernel's exact retry); the tail gradient against PyTorch."""
     from megatron_sdzero.losses import _torch_kernels, _triton_topk, topk
     from megatron_sdzero.losses.full_vocab import PassSettings
     from megatron_sdzero.losses.parallel import VocabShard

@@ -2,7 +2,8 @@
 """Benchmark and check the vocab-parallel KL loss on a GPU.
 
     python3 tools/bench_kl.py bench [--tokens 4096 16384 32768] [--vocab 151936 100278]
-                                    [--sweep] [--check] [--json OUT.json] [--markdown OUT.md]
+                                    [--sweep] [--check] [--kinds] [--peers]
+                                    [--json OUT.json] [--markdown OUT.md]
     torchrun --nproc-per-node 2 tools/bench_kl.py tp-check [--tokens 4096] [--vocab 151936]
 
 ``bench`` (one GPU, TP = 1, bf16 logits, every token valid) times forward + backward of
@@ -13,7 +14,10 @@
     copy bandwidth measured in the same run on a buffer of the logits' size.
 It also times the unfused two-kernel variant (used with TP > 1), the other divergence kinds at one
 shape, and with ``--sweep`` a few Triton block/warp settings; ``--check`` compares sampled rows
-with a float64 reference.
+with a float64 reference. ``--peers`` times, at T=16384, V=151936, hidden 2560, ours next to
+torch.compile(naive), Liger-Kernel (JSD(beta=1) = reverse KL, cross-entropy, fused-linear JSD and
+cross-entropy) and Cut Cross-Entropy, on logits and through the output layer, in the same run; a
+peer that is not importable gets a row saying so.
 
 ``tp-check`` (two GPUs, NCCL) runs each kind with TP = 2 on vocab shards and compares the loss and
 every rank's gradient shard with TP = 1 on the full logits.
@@ -23,7 +27,9 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import gc
+import importlib
 import json
 import os
 import statistics
@@ -31,6 +37,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
@@ -215,17 +222,19 @@ def bench_shape(tokens: int, vocab: int) -> dict:
     return row
 
 
-def print_row(row: dict) -> None:
-    def fmt(result: dict) -> str:
-        if result.get("skipped"):
-            return f"not run ({result['skipped']})"
-        if result["oom"]:
-            return "OOM"
-        return (
-            f"{result['ms']:8.2f} ms (host {result['host_ms']:.2f})"
-            f"  peak {result['peak_gib']:6.2f} GiB (+{result['extra_gib']:5.2f})"
-        )
+def format_result(result: dict) -> str:
+    if result.get("skipped"):
+        return f"not run ({result['skipped']})"
+    if result["oom"]:
+        return "OOM"
+    return (
+        f"{result['ms']:8.2f} ms (host {result['host_ms']:.2f})"
+        f"  peak {result['peak_gib']:6.2f} GiB (+{result['extra_gib']:5.2f})"
+    )
 
+
+def print_row(row: dict) -> None:
+    fmt = format_result
     onepass_ratio = f" = {row['onepass_over_floor']:.2f}x floor" if row["onepass_over_floor"] else ""
     print(
         f"T={row['tokens']:6d} V={row['vocab']:6d} | copy {row['copy_gbps']:6.0f} GB/s"
@@ -268,6 +277,185 @@ def bench_kinds(tokens: int, vocab: int) -> list[dict]:
         timing = f"{row['ms']:8.2f} ms (host {row['host_ms']:.2f})"
         print(f"  {row['kind']:28s} {timing}  peak {row['peak_gib']:6.2f} GiB", flush=True)
     return rows
+
+
+# ---------------------------------------------------------------- peers, in the same run
+
+PEERS_SHAPE = {"tokens": 16384, "vocab": 151936, "hidden": 2560}  # Qwen3-4B's output layer
+Step = Callable[[], None]
+
+
+def import_peer(module: str) -> tuple[ModuleType | None, str | None]:
+    """(the module, None), or (None, why not) when it cannot be imported."""
+    try:
+        return importlib.import_module(module), None
+    except ImportError as error:
+        return None, f"{module} not importable: {error}"
+
+
+def _step(loss_fn: Callable[[], torch.Tensor], *params: torch.Tensor) -> Step:
+    """fwd + bwd of loss_fn with the gradients of ``params`` cleared first."""
+
+    def step() -> None:
+        for param in params:
+            param.grad = None
+        loss_fn().backward()
+
+    return step
+
+
+def logit_peer_steps(student, teacher, loss_mask, labels) -> dict[str, Step | str]:
+    """Row -> fwd + bwd on [tokens, vocab] logits, or why that row is not run. Ours and the peers
+    get the same bf16 logits; Liger's JSD takes log-probabilities, so its row includes the two
+    log_softmax calls its user must make (beta = 1 is its reverse KL)."""
+    liger, liger_missing = import_peer("liger_kernel.transformers")
+    rows: dict[str, Step | str] = {
+        "reverse KL: ours": _step(lambda: distill_loss(student, teacher, loss_mask)[0], student),
+        "reverse KL: torch.compile(naive)": _step(
+            lambda: compiled_naive_reverse_kl()(student, teacher, loss_mask), student
+        ),
+        "reverse KL: naive fp32": _step(lambda: naive_reverse_kl(student, teacher, loss_mask), student),
+        "cross-entropy: ours": _step(lambda: masked_cross_entropy(student, labels, loss_mask)[0], student),
+    }
+    if liger is None:
+        rows["reverse KL: Liger JSD(beta=1) on bf16 log-softmax"] = liger_missing
+        rows["cross-entropy: Liger"] = liger_missing
+        return rows
+    jsd, cross_entropy = liger.LigerJSD(beta=1.0), liger.LigerCrossEntropyLoss()
+    rows["reverse KL: Liger JSD(beta=1) on bf16 log-softmax"] = _step(
+        lambda: jsd(student.log_softmax(-1), teacher.log_softmax(-1)), student
+    )
+    rows["cross-entropy: Liger"] = _step(lambda: cross_entropy(student, labels), student)
+    return rows
+
+
+def output_layer_peer_steps(hidden, weight, teacher_hidden, teacher_weight, loss_mask, labels):
+    """Row -> fwd + bwd from the last hidden states through the output layer (student: gradients
+    to hidden states and weight; the frozen teacher without), or why that row is not run."""
+
+    def student_logits() -> torch.Tensor:
+        return hidden @ weight.T
+
+    def teacher_logits() -> torch.Tensor:
+        with torch.no_grad():
+            return teacher_hidden @ teacher_weight.T
+
+    def ours_kl(in_place: bool) -> torch.Tensor:
+        return distill_loss(student_logits(), teacher_logits(), loss_mask, grad_in_place=in_place)[0]
+
+    upstream: list[torch.Tensor] = []  # the logits' gradient for the matmuls-only row, made once
+
+    def matmuls() -> None:  # the GEMMs alone: both models' logits, then the student's two gradients
+        hidden.grad = weight.grad = None
+        teacher_logits()
+        logits = student_logits()
+        if not upstream:
+            upstream.append(torch.full_like(logits, 1e-6))
+        logits.backward(upstream[0])
+
+    params = (hidden, weight)
+    rows: dict[str, Step | str] = {
+        "output layer + reverse KL: ours": _step(lambda: ours_kl(False), *params),
+        "output layer + reverse KL: ours, grad_in_place": _step(lambda: ours_kl(True), *params),
+        "output layer + cross-entropy: ours, grad_in_place": _step(
+            lambda: masked_cross_entropy(student_logits(), labels, loss_mask, grad_in_place=True)[0], *params
+        ),
+    }
+    liger, liger_missing = import_peer("liger_kernel.transformers")
+    if liger is None:
+        rows["output layer + reverse KL: Liger fused-linear JSD(beta=1)"] = liger_missing
+        rows["output layer + cross-entropy: Liger fused-linear"] = liger_missing
+    else:
+        fused_jsd, fused_ce = (
+            liger.LigerFusedLinearJSD(jsd_beta=1.0),
+            liger.LigerFusedLinearCrossEntropyLoss(),
+        )
+        rows["output layer + reverse KL: Liger fused-linear JSD(beta=1)"] = _step(
+            lambda: fused_jsd(hidden, weight, teacher_hidden, teacher_weight, None), *params
+        )
+        rows["output layer + cross-entropy: Liger fused-linear"] = _step(
+            lambda: fused_ce(weight, hidden, labels), *params
+        )
+    cce, cce_missing = import_peer("cut_cross_entropy")
+    rows["output layer + cross-entropy: Cut Cross-Entropy"] = (
+        cce_missing
+        if cce is None
+        else _step(lambda: cce.linear_cross_entropy(hidden, weight, labels), *params)
+    )
+    rows["output layer matmuls alone (the floor; measured last, its gradient buffer stays)"] = matmuls
+    return rows
+
+
+@functools.cache
+def compiled_naive_reverse_kl() -> Callable[..., torch.Tensor]:
+    return torch.compile(naive_reverse_kl)
+
+
+def measure_row(name: str, step: Step | str, param: torch.Tensor) -> dict:
+    """``measure`` for one row; a row that is not run, or a peer that fails (a compile error, a shape
+    it does not take), gives its reason. Our own rows raise."""
+    if isinstance(step, str):
+        return not_run(step)
+    if ": ours" in name:
+        return measure(step, param)
+    try:
+        return measure(step, param)
+    except Exception as error:
+        param.grad = None
+        first_line = next(iter(str(error).splitlines()), "")
+        return not_run(f"failed: {type(error).__name__}: {first_line}")
+
+
+def bench_peers(tokens: int, vocab: int, hidden_size: int) -> list[dict]:
+    """Ours next to Liger-Kernel, Cut Cross-Entropy and torch.compile at one shape, on logits and
+    at the output layer; rows of peers that are not installed say so."""
+    gc.collect()
+    student, teacher, loss_mask = make_logits(tokens, vocab)
+    labels = torch.randint(0, vocab, (tokens,), device="cuda")
+    results = [
+        {"level": "logits", "name": name, **measure_row(name, step, student)}
+        for name, step in logit_peer_steps(student, teacher, loss_mask, labels).items()
+    ]
+    del student, teacher
+    gc.collect()
+    torch.cuda.empty_cache()
+    gen = torch.Generator(device="cuda").manual_seed(1)
+
+    def randn(*shape: int, scale: float) -> torch.Tensor:
+        return torch.randn(*shape, device="cuda", dtype=torch.bfloat16, generator=gen).mul_(scale)
+
+    hidden, teacher_hidden = randn(tokens, hidden_size, scale=1.0), randn(tokens, hidden_size, scale=1.0)
+    weight, teacher_weight = (randn(vocab, hidden_size, scale=hidden_size**-0.5) for _ in range(2))
+    hidden.requires_grad_()
+    weight.requires_grad_()
+    steps = output_layer_peer_steps(hidden, weight, teacher_hidden, teacher_weight, loss_mask, labels)
+    results += [
+        {"level": "output layer", "name": name, **measure_row(name, step, hidden)}
+        for name, step in steps.items()
+    ]
+    for row in results:
+        print(f"  {row['name']:58s} {format_result(row)}", flush=True)
+    return results
+
+
+def peers_markdown(shape: dict, rows: list[dict]) -> list[str]:
+    lines = [
+        "",
+        f"Ours and peers at T={shape['tokens']}, V={shape['vocab']}, hidden {shape['hidden']} (forward +"
+        " backward, bf16):",
+        "",
+        "| level | implementation | ms | peak GiB | extra GiB |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for row in rows:
+        if row.get("skipped"):
+            cells = f"not run ({row['skipped']}) | - | -"
+        elif row["oom"]:
+            cells = "OOM | - | -"
+        else:
+            cells = f"{row['ms']:.2f} | {row['peak_gib']:.2f} | {row['extra_gib']:.2f}"
+        lines.append(f"| {row['level']} | {row['name']} | {cells} |")
+    return lines
 
 
 SWEEP_KNOBS = ("FUSE_SINGLE_PROCESS", "BLOCK_COLUMNS", "NUM_WARPS", "NUM_STAGES")
@@ -385,6 +573,8 @@ def markdown(report: dict) -> str:
             "|---|---:|---:|",
         ]
         lines += [f"| {row['kind']} | {row['ms']:.2f} | {row['peak_gib']:.2f} |" for row in report["kinds"]]
+    if report.get("peers"):
+        lines += peers_markdown(report["peers_shape"], report["peers"])
     return "\n".join(lines) + "\n"
 
 
@@ -411,6 +601,9 @@ def run_bench(args: argparse.Namespace) -> None:
     if args.kinds:
         report["kinds_shape"] = "T=16384, V=151936"
         report["kinds"] = bench_kinds(16384, 151936)
+    if args.peers:
+        report["peers_shape"] = PEERS_SHAPE
+        report["peers"] = bench_peers(PEERS_SHAPE["tokens"], PEERS_SHAPE["vocab"], PEERS_SHAPE["hidden"])
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
     if args.markdown:
@@ -517,6 +710,12 @@ def main() -> None:
     parser.add_argument("--sweep", action="store_true", help="try Triton block/warp settings first")
     parser.add_argument("--check", action="store_true", help="compare sampled rows with float64")
     parser.add_argument("--kinds", action="store_true", help="also time every kind at T=16384, V=151936")
+    parser.add_argument(
+        "--peers",
+        action="store_true",
+        help="also time Liger-Kernel, Cut Cross-Entropy and torch.compile(naive) next to ours (rows of"
+        " peers that are not installed say so)",
+    )
     parser.add_argument("--json")
     parser.add_argument("--markdown")
     args = parser.parse_args()

@@ -171,7 +171,16 @@ def _grad_rows(
         grad += (1.0 - w) * torch.where(p > 0, p * (lp - lq - kind_scalar), 0.0)
     if w > 0.0:
         grad += w * (p - lq.exp())
+    if w < 1.0:
+        grad.masked_fill_(infinite_reverse(kind_scalar), 0.0)
     return grad
+
+
+def infinite_reverse(reverse: torch.Tensor) -> torch.Tensor:
+    """Where the reverse KL is +inf: the student has mass where the teacher has none. It is +inf for
+    every finite student logits there, so the loss is constant around them and its gradient is 0
+    (for the mixed KL too); see docs/benchmarks.md, "Teacher logits of -inf"."""
+    return reverse == float("inf")
 
 
 def divergence_grad(

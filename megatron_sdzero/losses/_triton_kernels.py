@@ -304,6 +304,16 @@ def _grad_pass(
 
 
 @triton.jit
+def _grad_columns(n_read, reverse, KIND: tl.constexpr, HAS_REVERSE: tl.constexpr):
+    """Columns the gradient pass reads: none (all zeros) where the reverse KL is +inf, whose
+    gradient is 0 (``_torch_kernels.infinite_reverse``)."""
+    if KIND == 0:
+        if HAS_REVERSE:
+            n_read = tl.where(reverse == float("inf"), 0, n_read)
+    return n_read
+
+
+@triton.jit
 def _grad_kernel(
     s_ptr, t_ptr, g_ptr, table_ptr, coef_ptr, target_ptr,
     row_stride, n_cols, n_valid_cols,
@@ -314,13 +324,14 @@ def _grad_kernel(
 ):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
     coef = tl.load(coef_ptr + row)
-    n_read = tl.where(coef != 0, n_valid_cols, 0)
     base, lead, _ = _row_layout(row, row_stride, n_cols, ALIGN, VEC, BLOCK)
     table_row = table_ptr + row * TABLE_W
+    kind_scalar = tl.load(table_row + 4)
+    n_read = _grad_columns(tl.where(coef != 0, n_valid_cols, 0), kind_scalar, KIND, HAS_REVERSE)
     _grad_pass(
         s_ptr + base, t_ptr + base, g_ptr + base, lead, n_read, n_cols, inv_temp, coef,
         tl.load(target_ptr + row), tl.load(table_row + 0), tl.load(table_row + 1), tl.load(table_row + 2),
-        tl.load(table_row + 3), tl.load(table_row + 4), forward_weight, log_beta, log_one_minus_beta,
+        tl.load(table_row + 3), kind_scalar, forward_weight, log_beta, log_one_minus_beta,
         KIND, HAS_REVERSE, HAS_FORWARD, STAGES, BLOCK,
     )  # fmt: skip
 
@@ -367,8 +378,8 @@ def _fused_loss_grad_kernel(
     tl.store(table_row + 4, tl.where(active, reverse, 0.0))
     tl.store(values_ptr + row, tl.where(active, value, 0.0))
     _grad_pass(
-        s_row, t_row, g_ptr + base, lead, n_read, n_cols, inv_temp, coef, target,
-        max_s, log_sum_s, max_t, log_sum_t, reverse, forward_weight, 0.0, 0.0,
+        s_row, t_row, g_ptr + base, lead, _grad_columns(n_read, reverse, KIND, HAS_REVERSE), n_cols,
+        inv_temp, coef, target, max_s, log_sum_s, max_t, log_sum_t, reverse, forward_weight, 0.0, 0.0,
         KIND, HAS_REVERSE, HAS_FORWARD, STAGES, BLOCK,
     )  # fmt: skip
 

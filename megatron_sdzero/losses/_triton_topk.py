@@ -14,9 +14,12 @@ with no sort over the vocabulary:
 3. the top k of the scratch list (a bitonic top-k of at most a few hundred keys) are the row's
    columns; with the tail, the collected columns that did not make it are added to both tails.
 
-A row with more candidates than the scratch list holds (massive ties at tau) is flagged, and
-``topk.py`` recomputes it with PyTorch. The tail-bucket gradient (every column's share of the tail
-bucket's gradient, in proportion to its student probability) is one more streaming kernel.
+A row with more candidates than the scratch list holds (massive ties at tau) finds the exact k-th
+largest sort key by bisection (a counting pass per step, at most 64, only on such rows) and collects
+again with it: exactly k candidates. So every row is exact in the kernel, with no flag for the host
+to check. Inactive rows are launched too and read nothing (no host-side list of active rows).
+The tail-bucket gradient (every column's share of the tail bucket's gradient, in proportion to its
+student probability) is one more streaming kernel.
 Rows are re-aligned to 16 bytes as in ``_triton_kernels.py``; offsets are 64-bit.
 """
 
@@ -117,15 +120,49 @@ def _threshold(
 
 
 @triton.jit
+def _count_at_or_above(t_row, lead, n_read, n_blocks, floor, BLOCK: tl.constexpr):
+    """Valid columns whose sort key is >= floor (one masked pass over the row)."""
+    count = tl.zeros((), tl.int32)
+    for i in range(0, n_blocks):
+        offs = i * BLOCK + tl.arange(0, BLOCK)
+        cols = offs - lead
+        t = _load_raw(t_row, offs, cols, n_read, True)
+        above = (_sort_key(t, cols) >= floor) & (cols >= 0) & (cols < n_read)
+        count += tl.sum(above.to(tl.int32), axis=0)
+    return count
+
+
+@triton.jit
+def _kth_key(t_row, lead, n_read, n_blocks, k, BLOCK: tl.constexpr):
+    """The k-th largest sort key of the row's valid columns (k <= their number), by bisection over
+    the int64 range (at most 64 counting passes). Keys are unique (they hold the column), so exactly
+    k valid columns have a key at or above the result; ties in value go to the lowest columns."""
+    lo = tl.full((), _NO_KEY, tl.int64)  # every valid column's key is at or above it
+    hi = tl.full((), 2**63 - 1, tl.int64)
+    while lo < hi:
+        mid = (lo >> 1) + (hi >> 1) + ((lo | hi) & 1)  # ceil((lo + hi) / 2) without overflow
+        if _count_at_or_above(t_row, lead, n_read, n_blocks, mid, BLOCK) >= k:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+@triton.jit
 def _collect_step(
-    t_row, s_row, keys_row, i, lead, n_read, inv_temp, tau, count, max_t, sum_t, max_s, sum_s,
-    WITH_TAIL: tl.constexpr, MASKED: tl.constexpr, CAP: tl.constexpr, BLOCK: tl.constexpr,
+    t_row, s_row, keys_row, i, lead, n_read, inv_temp, bound, count, max_t, sum_t, max_s, sum_s,
+    WITH_TAIL: tl.constexpr, EXACT: tl.constexpr, MASKED: tl.constexpr, CAP: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):  # fmt: skip
-    """Pass 2, one block: append the candidates' keys; with the tail, the other columns' sums."""
+    """Pass 2, one block: append the candidates' keys (teacher >= the threshold ``bound``, or with
+    EXACT, sort key >= the key ``bound``); with the tail, the other columns' sums."""
     offs = i * BLOCK + tl.arange(0, BLOCK)
     cols = offs - lead
     t = _load_raw(t_row, offs, cols, n_read, MASKED)
-    picked = t >= tau
+    if EXACT:
+        picked = _sort_key(t, cols) >= bound
+    else:
+        picked = t >= bound
     if MASKED:
         picked = picked & (cols >= 0) & (cols < n_read)
     n_picked = tl.sum(picked.to(tl.int32), axis=0)
@@ -174,21 +211,13 @@ def _pick_top(
 
 
 @triton.jit
-def _top_k_kernel(
-    t_ptr, s_ptr, rows_ptr, keys_ptr, ids_ptr, tail_ptr, count_ptr,
-    row_stride, n_read, k, inv_temp,
-    WITH_TAIL: tl.constexpr, USE_THRESHOLD: tl.constexpr, KP: tl.constexpr, LANES: tl.constexpr,
-    CAP: tl.constexpr, TAIL_W: tl.constexpr, NEG: tl.constexpr, ALIGN: tl.constexpr, VEC: tl.constexpr,
+def _collect_pass(
+    t_row, s_row, keys_row, lead, n_read, n_blocks, inv_temp, bound,
+    WITH_TAIL: tl.constexpr, EXACT: tl.constexpr, NEG: tl.constexpr, CAP: tl.constexpr,
     STAGES: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
-    """One program per active row (``rows_ptr`` lists them); n_read: the valid columns."""
-    row = tl.load(rows_ptr + tl.program_id(0)).to(tl.int64)
-    base, lead, n_blocks = _row_layout(row, row_stride, n_read, ALIGN, VEC, BLOCK)
-    t_row, s_row, keys_row = t_ptr + base, s_ptr + base, keys_ptr + tl.program_id(0).to(tl.int64) * CAP
-    if USE_THRESHOLD:
-        tau = _threshold(t_row, lead, n_read, n_blocks, k, STAGES, LANES, KP, BLOCK)
-    else:
-        tau = -float("inf")
+    """Pass 2 over the row: the candidates' keys (see ``_collect_step`` for ``bound``) and, with
+    the tail, the online log-sum-exps of the other columns."""
     head_end, body_begin, body_end, tail_begin = _block_ranges(lead, n_read, n_blocks, BLOCK)
     count = tl.zeros((), tl.int32)
     max_t = tl.full((), NEG, tl.float32)
@@ -197,20 +226,50 @@ def _top_k_kernel(
     sum_s = tl.zeros((BLOCK,), tl.float32)
     for i in range(0, head_end):
         count, max_t, sum_t, max_s, sum_s = _collect_step(
-            t_row, s_row, keys_row, i, lead, n_read, inv_temp, tau, count, max_t, sum_t, max_s, sum_s,
-            WITH_TAIL, True, CAP, BLOCK,
+            t_row, s_row, keys_row, i, lead, n_read, inv_temp, bound, count, max_t, sum_t, max_s, sum_s,
+            WITH_TAIL, EXACT, True, CAP, BLOCK,
         )  # fmt: skip
     for i in tl.range(body_begin, body_end, num_stages=STAGES):
         count, max_t, sum_t, max_s, sum_s = _collect_step(
-            t_row, s_row, keys_row, i, lead, n_read, inv_temp, tau, count, max_t, sum_t, max_s, sum_s,
-            WITH_TAIL, False, CAP, BLOCK,
+            t_row, s_row, keys_row, i, lead, n_read, inv_temp, bound, count, max_t, sum_t, max_s, sum_s,
+            WITH_TAIL, EXACT, False, CAP, BLOCK,
         )  # fmt: skip
     for i in range(tail_begin, n_blocks):
         count, max_t, sum_t, max_s, sum_s = _collect_step(
-            t_row, s_row, keys_row, i, lead, n_read, inv_temp, tau, count, max_t, sum_t, max_s, sum_s,
-            WITH_TAIL, True, CAP, BLOCK,
+            t_row, s_row, keys_row, i, lead, n_read, inv_temp, bound, count, max_t, sum_t, max_s, sum_s,
+            WITH_TAIL, EXACT, True, CAP, BLOCK,
         )  # fmt: skip
-    tl.store(count_ptr + row, count)
+    return count, max_t, sum_t, max_s, sum_s
+
+
+@triton.jit
+def _top_k_kernel(
+    t_ptr, s_ptr, active_ptr, keys_ptr, ids_ptr, tail_ptr,
+    row_stride, n_valid_cols, k, inv_temp,
+    WITH_TAIL: tl.constexpr, USE_THRESHOLD: tl.constexpr, KP: tl.constexpr, LANES: tl.constexpr,
+    CAP: tl.constexpr, TAIL_W: tl.constexpr, NEG: tl.constexpr, ALIGN: tl.constexpr, VEC: tl.constexpr,
+    STAGES: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """One program per row; inactive rows read no column (their outputs stay neutral)."""
+    row = tl.program_id(0).to(tl.int64)
+    n_read = tl.where(tl.load(active_ptr + row) != 0, n_valid_cols, 0)
+    base, lead, n_blocks = _row_layout(row, row_stride, n_read, ALIGN, VEC, BLOCK)
+    t_row, s_row, keys_row = t_ptr + base, s_ptr + base, keys_ptr + row * CAP
+    if USE_THRESHOLD:
+        tau = _threshold(t_row, lead, n_read, n_blocks, k, STAGES, LANES, KP, BLOCK)
+    else:
+        tau = tl.full((), -float("inf"), tl.float32)
+    count, max_t, sum_t, max_s, sum_s = _collect_pass(
+        t_row, s_row, keys_row, lead, n_read, n_blocks, inv_temp, tau, WITH_TAIL, False, NEG, CAP, STAGES,
+        BLOCK,
+    )  # fmt: skip
+    if count > CAP:  # massive ties at tau: collect exactly the k largest keys instead
+        tl.debug_barrier()
+        kth = _kth_key(t_row, lead, n_read, n_blocks, k, BLOCK)
+        count, max_t, sum_t, max_s, sum_s = _collect_pass(
+            t_row, s_row, keys_row, lead, n_read, n_blocks, inv_temp, kth, WITH_TAIL, True, NEG, CAP, STAGES,
+            BLOCK,
+        )  # fmt: skip
     tl.debug_barrier()  # the scratch keys were stored by other threads of this program
     _pick_top(
         t_row, s_row, keys_row, ids_ptr + row * KP, tail_ptr + row * TAIL_W, lead, count, k, inv_temp,
@@ -294,36 +353,42 @@ class LocalTopK:
     tail: [rows, TAIL_WIDTH] float32 over the shard's other valid columns, logits divided by the
         temperature: teacher max, teacher sum of exp(t - max), student max, student sum; None
         without the tail bucket.
-    overflow: [rows] bool, rows whose candidates did not fit the scratch list; their columns and
-        tail are not valid and must be recomputed.
     """
 
     columns: torch.Tensor
     tail: torch.Tensor | None
-    overflow: torch.Tensor
+
+
+def neutral_tails(n_rows: int, device: torch.device) -> torch.Tensor:
+    """[rows, TAIL_WIDTH] tails of no column: maxima NEG_BIG, sums 0 (filled on the device: a
+    tensor built from a Python list would be a blocking copy)."""
+    tail = torch.zeros(n_rows, TAIL_WIDTH, dtype=torch.float32, device=device)
+    tail[:, 0::2] = NEG_BIG
+    return tail
 
 
 def _launch_top_k(
     teacher: torch.Tensor,
     student: torch.Tensor | None,
-    rows: torch.Tensor,
-    outputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    active: torch.Tensor,
+    outputs: tuple[torch.Tensor, torch.Tensor],
     k: int,
     shard: VocabShard,
     inv_temp: float,
 ) -> None:
-    """One program per row in ``rows``, writing (columns, tail, counts) in place."""
-    columns, tail, counts = outputs
+    """One program per row, writing (columns, tail) in place."""
+    columns, tail = outputs
     kp = columns.shape[1]
     cap, block = _scratch_keys(kp), _block_for(shard.size, BLOCK_COLUMNS)
     lanes = min(max(MIN_LANE_GROUPS, 4 * kp), block)
-    keys = torch.empty(rows.numel(), cap, dtype=torch.int64, device=teacher.device)
+    n_rows = teacher.shape[0]
+    keys = torch.empty(n_rows, cap, dtype=torch.int64, device=teacher.device)
     pair = (teacher,) if student is None else (teacher, student)
-    _top_k_kernel[(rows.numel(),)](
-        teacher, pair[-1], rows, keys, columns, tail, counts, n_read=shard.valid_columns, k=k,
-        inv_temp=inv_temp, WITH_TAIL=student is not None, USE_THRESHOLD=lanes >= kp, KP=kp, LANES=lanes,
-        CAP=cap, TAIL_W=TAIL_WIDTH, NEG=NEG_BIG, STAGES=NUM_STAGES, BLOCK=block, num_warps=NUM_WARPS,
-        **_layout(*pair),
+    _top_k_kernel[(n_rows,)](
+        teacher, pair[-1], active.to(torch.int8), keys, columns, tail, n_valid_cols=shard.valid_columns,
+        k=k, inv_temp=inv_temp, WITH_TAIL=student is not None, USE_THRESHOLD=lanes >= kp, KP=kp,
+        LANES=lanes, CAP=cap, TAIL_W=TAIL_WIDTH, NEG=NEG_BIG, STAGES=NUM_STAGES, BLOCK=block,
+        num_warps=NUM_WARPS, **_layout(*pair),
     )  # fmt: skip
 
 
@@ -343,16 +408,10 @@ def local_top_k(
     student = None if student is None else _contiguous_rows(student)
     n_rows, device = teacher.shape[0], teacher.device
     columns = torch.zeros(n_rows, triton.next_power_of_2(k), dtype=torch.int32, device=device)
-    tail = torch.tensor([NEG_BIG, 0.0, NEG_BIG, 0.0], device=device).repeat(n_rows, 1)
-    counts = torch.zeros(n_rows, dtype=torch.int32, device=device)
-    rows = active.nonzero().squeeze(1)  # inactive rows (prompt tokens) cost nothing
-    if rows.numel() > 0:
-        _launch_top_k(teacher, student, rows, (columns, tail, counts), k, shard, inv_temp)
-    return LocalTopK(
-        columns=columns[:, :k].to(torch.int64),
-        tail=None if student is None else tail,
-        overflow=counts > _scratch_keys(columns.shape[1]),
-    )
+    tail = neutral_tails(n_rows, device)
+    if n_rows > 0:
+        _launch_top_k(teacher, student, active, (columns, tail), k, shard, inv_temp)
+    return LocalTopK(columns=columns[:, :k].to(torch.int64), tail=None if student is None else tail)
 
 
 def tail_grad(
@@ -375,4 +434,4 @@ def tail_grad(
     return grad
 
 
-__all__ = ["MAX_TOP_K", "TAIL_WIDTH", "LocalTopK", "local_top_k", "tail_grad"]
+__all__ = ["MAX_TOP_K", "TAIL_WIDTH", "LocalTopK", "local_top_k", "neutral_tails", "tail_grad"]

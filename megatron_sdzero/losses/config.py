@@ -24,7 +24,8 @@ class DistillLossConfig:
     top_k:
         None compares the full vocabulary. An integer k keeps the teacher's k most likely ids
         (chosen across all tensor-parallel shards) and renormalises both distributions over them
-        (the reference code's mode, k = 64 there).
+        (the reference code's mode, k = 64 there). Ids where the teacher logit is -inf are never
+        among the k: a row with fewer finite teacher logits keeps only those.
     top_k_tail:
         With top_k, keep the probability mass outside the top-k ids as one extra bucket instead of
         renormalising: both distributions then have k + 1 outcomes and nothing is discarded.

@@ -71,7 +71,8 @@ def combine_shard_stats(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Steps 2-3: global (max_s, Z_s, max_t, Z_t) and (C_rev, C_fwd) from every shard's local stats
     (maxima in logit units)."""
-    maxima = all_reduce_max_(local[:, [0, 2]].clone(), shard.group)
+    # stack, not local[:, [0, 2]]: indexing with a Python list copies the index to the GPU (a sync)
+    maxima = all_reduce_max_(torch.stack([local[:, 0], local[:, 2]], dim=1), shard.group)
     max_s, max_t = maxima[:, 0], maxima[:, 1]
     gap_s, gap_t = local[:, 0] - max_s, local[:, 2] - max_t
     scale_s, scale_t = (gap_s * inv_temp).exp(), (gap_t * inv_temp).exp()

@@ -23,7 +23,8 @@ def fused_rows_reference(
     """float64 per-row values and coef * d value / d (student / T); rows with coef == 0 give zeros.
 
     KL family (``spec.forward_weight`` mixes reverse and forward) or cross-entropy against
-    ``targets`` (-1: no label, value +inf); columns at or above ``n_valid`` are padding.
+    ``targets`` (-1: no label, value +inf); columns at or above ``n_valid`` are padding. A row whose
+    reverse KL is +inf (the mixed KL's too) has gradient 0: the value is +inf for every finite student.
     """
     s = student[:, :n_valid].double() * inv_temp
     lp = s.log_softmax(-1)
@@ -46,6 +47,8 @@ def fused_rows_reference(
             grad += (1 - w) * torch.where(p > 0, p * (lp - lq - reverse[:, None]), 0.0)
         if w > 0:
             grad += w * (p - q)
+        if w < 1:  # +inf reverse KL (student mass where the teacher has none): gradient 0
+            grad[reverse == torch.inf] = 0.0
     full = torch.zeros(student.shape, dtype=torch.float64, device=s.device)
     full[:, :n_valid] = grad * coef.double()[:, None]
     active = coef != 0

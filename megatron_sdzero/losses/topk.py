@@ -3,7 +3,8 @@
 The k ids are the teacher's most likely ones over the whole vocabulary: every rank takes its local
 top-k (at most its shard width), the candidates are all-gathered over the tensor-parallel group and
 every rank picks the same global top-k from them. The student's logits at those ids are gathered
-from their owners (all-reduce MAX of [tokens, k]).
+from their owners (all-reduce MAX of [tokens, k]). Ids whose teacher logit is -inf are never among
+the k (see ``_global_top_k``): a row with fewer finite teacher logits keeps fewer buckets.
 
 Two ways to form distributions over "buckets" from the k ids:
 - renormalised (the reference code): k buckets, both softmaxes taken over the k ids only;
@@ -21,14 +22,13 @@ and every id in the tail shares the tail bucket's gradient in proportion to its 
 Backends: when the full-vocabulary passes run on Triton (CUDA tensors, or backend="triton"), the
 local top-k, both local tails and the tail gradient come from ``_triton_topk.py`` (ties at the cut go
 to the lowest id, as with CUDA's torch.topk); the candidates that the global pick leaves out join the
-tails here. k above 256 per shard and rows the kernel flags (candidates overflowing its scratch list)
-take the chunked PyTorch code, which is also the CPU path.
+tails here. That path waits for the GPU nowhere (no host sync). k above 256 per shard takes the
+chunked PyTorch code, which is also the CPU path.
 """
 
 from __future__ import annotations
 
 from types import ModuleType
-from typing import TYPE_CHECKING
 
 import torch
 
@@ -42,6 +42,7 @@ from megatron_sdzero.losses._torch_kernels import (
     _scaled_shift,
     _shift_by_max,
     _weighted_sum,
+    infinite_reverse,
 )
 from megatron_sdzero.losses.full_vocab import PassSettings, row_coefficients
 from megatron_sdzero.losses.parallel import (
@@ -52,8 +53,8 @@ from megatron_sdzero.losses.parallel import (
     group_rank,
 )
 
-if TYPE_CHECKING:  # the module imports triton: only the GPU path loads it
-    from megatron_sdzero.losses._triton_topk import LocalTopK
+# Id of a top-k slot without a real candidate (see _global_top_k): below every shard's range.
+NO_ID = -1
 
 
 def _mix(forward_weight: float, reverse: torch.Tensor, forward: torch.Tensor) -> torch.Tensor:
@@ -86,7 +87,10 @@ def bucket_divergence(
     forward = _weighted_sum(q, lq - lp)
     w = spec.forward_weight
     reverse_grad = torch.where(p > 0, p * (lp - lq - reverse[:, None]), 0.0)
-    return _mix(w, reverse, forward), _mix(w, reverse_grad, p - q)
+    grad = _mix(w, reverse_grad, p - q)
+    if w < 1.0:  # the tail holds student mass and no teacher mass: value +inf, gradient 0
+        grad = torch.where(infinite_reverse(reverse)[:, None], 0.0, grad)
+    return _mix(w, reverse, forward), grad
 
 
 def _candidate_widths(k: int, shard: VocabShard) -> tuple[int, int]:
@@ -97,32 +101,46 @@ def _candidate_widths(k: int, shard: VocabShard) -> tuple[int, int]:
     return width, min(width, shard.valid_columns)
 
 
+def _empty_candidates(n_rows: int, width: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """[tokens, width] candidate slots before any is filled: teacher logit -inf, id ``NO_ID``. A rank
+    whose shard holds fewer valid ids than the common width leaves the last ones empty."""
+    values = torch.full((n_rows, width), float("-inf"), dtype=torch.float32, device=device)
+    return values, torch.full((n_rows, width), NO_ID, dtype=torch.int64, device=device)
+
+
 def _global_top_k(
     values: torch.Tensor, ids: torch.Tensor, k: int, shard: VocabShard
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Every rank's candidates gathered, the k largest kept: (ids, values, positions picked)."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every rank's candidates gathered, the k largest kept: (ids, values, positions picked, which
+    picks are real).
+
+    A pick whose teacher logit is -inf is no candidate: with fewer finite teacher logits than k the
+    cut falls among -inf ties, which may be an empty slot or an id the teacher rules out, chosen by
+    tie-breaking. Such picks get id ``NO_ID``, which no rank owns: they gather no student logit
+    (their bucket is empty on both sides), get no gradient and, with the tail, every id outside the
+    real picks stays in the tail. So the top-k is the teacher's min(k, finite) best ids on every TP
+    size."""
     all_values = all_gather_last_dim(values, shard.group)
     all_ids = all_gather_last_dim(ids, shard.group)
     top_values, picked = all_values.topk(k, dim=-1)
-    return all_ids.gather(1, picked), top_values, picked
+    real = top_values > float("-inf")
+    return torch.where(real, all_ids.gather(1, picked), NO_ID), top_values, picked, real
 
 
 def select_teacher_top_k(
     teacher: torch.Tensor, active: torch.Tensor, k: int, settings: PassSettings
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Global top-k ids [tokens, k] of the teacher and its logits there (float32, unscaled); inactive
-    rows get id 0."""
+    """Global top-k ids [tokens, k] of the teacher and its logits there (float32, unscaled); slots
+    without a finite teacher logit (all of an inactive row's) get id ``NO_ID``."""
     shard = settings.shard
     width, local_k = _candidate_widths(k, shard)
-    n_rows = teacher.shape[0]
-    values = torch.full((n_rows, width), float("-inf"), dtype=torch.float32, device=teacher.device)
-    ids = torch.zeros((n_rows, width), dtype=torch.int64, device=teacher.device)
+    values, ids = _empty_candidates(teacher.shape[0], width, teacher.device)
     for rows in _row_chunks(active, settings.chunk_tokens) if local_k > 0 else ():
         # top-k in the logits' own dtype over the valid columns: no float32 copy of the chunk
         chunk_values, chunk_cols = teacher[rows][:, : shard.valid_columns].topk(local_k, dim=-1)
         values[rows, :local_k] = chunk_values.to(torch.float32)
         ids[rows, :local_k] = chunk_cols + shard.start
-    top_ids, top_values, _ = _global_top_k(values, ids, k, shard)
+    top_ids, top_values, _, _ = _global_top_k(values, ids, k, shard)
     return top_ids, top_values
 
 
@@ -192,42 +210,26 @@ def top_k_kernels(settings: PassSettings, k: int) -> ModuleType | None:
     return _triton_topk if min(k, settings.shard.size) <= _triton_topk.MAX_TOP_K else None
 
 
-def _redo_overflow_rows(
-    found: LocalTopK, teacher: torch.Tensor, student: torch.Tensor | None, settings: PassSettings
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(local columns, local tails) with the rows the kernel could not finish (massive ties at
-    its threshold) recomputed by the PyTorch path; one host sync to check."""
-    columns, tail, overflow = found.columns, found.tail, found.overflow
-    if not bool(overflow.any()):
-        return columns, tail
-    shard, local_k = settings.shard, columns.shape[1]
-    for rows in _row_chunks(overflow, settings.chunk_tokens):
-        columns[rows] = teacher[rows][:, : shard.valid_columns].topk(local_k, dim=-1).indices
-    if tail is not None:
-        ids = columns + shard.start
-        redone = [_local_tail_stats(x, ids, overflow, settings) for x in (teacher, student)]
-        tail = torch.where(overflow[:, None], torch.cat(redone, dim=1), tail)
-    return columns, tail
-
-
 def _candidates_at(
     teacher: torch.Tensor, columns: torch.Tensor, active: torch.Tensor, width: int, settings: PassSettings
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """This rank's candidates [tokens, width] for the global pick, laid out as on the PyTorch path:
-    teacher logits (unscaled) and global ids at ``columns``, then -inf / id 0 up to ``width``."""
+    teacher logits (unscaled) and global ids at ``columns``, then empty slots up to ``width``."""
     n_rows, local_k = columns.shape
-    values = torch.full((n_rows, width), float("-inf"), dtype=torch.float32, device=teacher.device)
-    ids = torch.zeros((n_rows, width), dtype=torch.int64, device=teacher.device)
+    values, ids = _empty_candidates(n_rows, width, teacher.device)
     picked = teacher.gather(1, columns).to(torch.float32)
     values[:, :local_k] = torch.where(active[:, None], picked, float("-inf"))
     ids[:, :local_k] = columns + settings.shard.start
     return values, ids
 
 
-def _left_out_here(picked: torch.Tensor, width: int, local_k: int, shard: VocabShard) -> torch.Tensor:
-    """[tokens, local_k]: which of this rank's candidates the global pick did not keep."""
+def _left_out_here(
+    picked: torch.Tensor, real: torch.Tensor, width: int, local_k: int, shard: VocabShard
+) -> torch.Tensor:
+    """[tokens, local_k]: which of this rank's candidates the global pick did not keep (as a real
+    pick: a -inf teacher logit is never kept)."""
     kept = torch.zeros(picked.shape[0], width * shard.tp_size, dtype=torch.bool, device=picked.device)
-    kept.scatter_(1, picked, True)
+    kept.scatter_(1, picked, real)
     begin = group_rank(shard.group) * width
     return ~kept[:, begin : begin + local_k]
 
@@ -247,18 +249,18 @@ def _select_with_kernels(
     width, local_k = _candidate_widths(k, shard)
     n_rows = teacher.shape[0]
     columns = torch.zeros(n_rows, local_k, dtype=torch.int64, device=teacher.device)
-    local_tail = torch.tensor([NEG_BIG, 0.0, NEG_BIG, 0.0], device=teacher.device).repeat(n_rows, 1)
+    local_tail = kernels.neutral_tails(n_rows, teacher.device)
     if local_k > 0:
         found = kernels.local_top_k(
             teacher, student if with_tail else None, active, local_k, shard, settings.inv_temp
         )
-        columns, found_tail = _redo_overflow_rows(found, teacher, student if with_tail else None, settings)
-        local_tail = local_tail if found_tail is None else found_tail
+        columns = found.columns
+        local_tail = local_tail if found.tail is None else found.tail
     values, ids = _candidates_at(teacher, columns, active, width, settings)
-    top_ids, top_values, picked = _global_top_k(values, ids, k, shard)
+    top_ids, top_values, picked, real = _global_top_k(values, ids, k, shard)
     if not with_tail:
         return top_ids, top_values, None
-    left_out = _left_out_here(picked, width, local_k, shard) & active[:, None]
+    left_out = _left_out_here(picked, real, width, local_k, shard) & active[:, None]
     tails = _tails_with(local_tail, left_out, values[:, :local_k], student, columns, settings)
     return top_ids, top_values, tails
 
@@ -324,7 +326,8 @@ class TopKDivergence(torch.autograd.Function):
         student_top = gather_student_at(student, ids, settings)
         u = _bucket_logits(student_top, student_tail, settings.inv_temp)
         v = _bucket_logits(teacher_top, teacher_tail, settings.inv_temp)
-        u[~active], v[~active] = 0.0, 0.0
+        u.masked_fill_(~active[:, None], 0.0)  # not u[~active] = 0: boolean indexing syncs
+        v.masked_fill_(~active[:, None], 0.0)
         values, bucket_grad = bucket_divergence(u, v, spec)
         values = torch.where(active, values, 0.0)
         tail = student_tail if with_tail else torch.empty(0, device=student.device)
@@ -341,10 +344,24 @@ class TopKDivergence(torch.autograd.Function):
             grad = _tail_grad(ctx.kernels, student, tail, scaled[:, -1], settings)
         else:
             grad = torch.zeros_like(student)
-        rows, cols = _owned_columns(ids, settings.shard)
-        owned = settings.shard.owns(ids)
-        grad[rows, cols] = scaled[:, : ids.shape[1]][owned].to(grad.dtype)
+        _write_top_k_grad(grad, ids, scaled[:, : ids.shape[1]], settings.shard)
         return grad, None, None, None, None, None, None
+
+
+def _write_top_k_grad(grad: torch.Tensor, ids: torch.Tensor, values: torch.Tensor, shard: VocabShard) -> None:
+    """In place: grad[row, id - start] = values[row, slot] for the ids this rank owns, with no host
+    sync (boolean indexing would wait for the GPU). One scatter over every slot: a slot of an id
+    owned elsewhere (or ``NO_ID``) writes, again, a value that is already there (the row's first
+    owned slot's, or else column 0's current one), so duplicate targets carry equal values and the
+    result does not depend on the order of the writes."""
+    owned = shard.owns(ids)
+    cols = (ids - shard.start).clamp(0, shard.size - 1)
+    values = values.to(grad.dtype)
+    first = owned.to(torch.int32).argmax(dim=1, keepdim=True)  # the first owned slot, 0 when none
+    has_owned = owned.any(dim=1, keepdim=True)
+    spare_col = torch.where(has_owned, cols.gather(1, first), 0)
+    spare_value = torch.where(has_owned, values.gather(1, first), grad[:, :1])
+    grad.scatter_(1, torch.where(owned, cols, spare_col), torch.where(owned, values, spare_value))
 
 
 def _tail_grad(

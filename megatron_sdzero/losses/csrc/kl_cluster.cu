@@ -360,6 +360,13 @@ __host__ __device__ inline float row_value(const RowStats& r, int64_t target, co
   return MODE == kForward ? r.forward : r.reverse;
 }
 
+// The reverse KL is +inf (student mass where the teacher has none): +inf for every finite student,
+// so its gradient is 0, for the mixed KL too (_torch_kernels.infinite_reverse).
+template <int MODE>
+__host__ __device__ inline bool infinite_reverse(const RowStats& r) {
+  return Traits<MODE>::kRev && r.reverse == pos_inf();
+}
+
 // Statistics of this thread's chunks: c = tid, tid + nthreads, ... of the rank's slice.
 template <typename T, int MODE>
 __host__ __device__ inline Partial thread_stats(const T* s_buf, const T* t_buf, const RowLayout& layout,
@@ -591,6 +598,10 @@ __device__ __forceinline__ void process_active_row(const KernelArgs<T>& a, int64
     return;
   }
   T* grad_origin = a.grad + (row * a.row_stride - layout.lead);
+  if (infinite_reverse<MODE>(stats)) {
+    thread_zero_grad(grad_origin, layout, a.cols, worker, kWorkers);
+    return;
+  }
   thread_grad<T, MODE>(s_buf, t_buf, grad_origin, layout, a.cols, a.n_valid, k2, stats,
                        grad_coef(a.weights, a.scale, coef), target, worker, kWorkers);
 }
@@ -887,6 +898,10 @@ void emulate_typed(const KernelArgs<T>& a, int cluster, int threads) {
     for (int rank = 0; rank < cluster; ++rank) {
       const RowLayout layout = row_layout(row, a.row_stride, a.cols, rank, a.chunks_per_cta);
       for (int tid = 0; tid < threads; ++tid) {
+        if (infinite_reverse<MODE>(stats)) {
+          thread_zero_grad(a.grad + (row * a.row_stride - layout.lead), layout, a.cols, tid, threads);
+          continue;
+        }
         thread_grad<T, MODE>(&s_buf[rank * slice], &t_buf[rank * slice], a.grad + (row * a.row_stride - layout.lead),
                              layout, a.cols, a.n_valid, k2, stats, factors, target, tid, threads);
       }
