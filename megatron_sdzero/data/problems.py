@@ -1,7 +1,10 @@
-"""Problems for Phase 1 and Phase 2: Hugging Face datasets, local JSON/JSONL, or generated arithmetic.
+"""Problems for Phase 1 and Phase 2: Hugging Face datasets, local JSON/JSONL, generated arithmetic,
+or reasoning-gym generators (:mod:`megatron_sdzero.data.reasoning_gym`).
 
 A math problem is a statement plus a gold answer; a code problem is a statement plus tests
-(``[{"input": ..., "output": ...}, ...]``). Every problem gets a stable id, a hash of its content, so
+(``[{"input": ..., "output": ...}, ...]``). A problem may carry a worked ``solution`` (a
+demonstration for SDFT): OpenR1-Math's ``solution`` column, the arithmetic generator's worked steps,
+or a reasoning-gym task's chain of thought. Every problem gets a stable id, a hash of its content, so
 a resumed or sharded run recognises the same problem whatever order or file it came from.
 
 Malformed rows are an error naming the file and row (``strict: true``, the default) or a counted
@@ -13,12 +16,13 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from megatron_sdzero.config import ConfigError
+from megatron_sdzero.data.reasoning_gym import ReasoningGymSpec
 
 Mode = Literal["math", "code"]
 
@@ -31,6 +35,9 @@ ANSWER_FIELDS: dict[str, tuple[str, ...]] = {
     "math": ("answer", "solution"),
     "code": ("tests", "official_tests", "test_cases", "examples"),
 }
+
+
+SOLUTION_FIELD = "solution"  # a demonstration, when the row has one and it is not the answer field
 
 
 class ProblemFormatError(ValueError):
@@ -46,13 +53,17 @@ class ArithmeticSpec:
     difficulty: int = 1
 
 
+SOURCE_KINDS = ("dataset", "path", "arithmetic", "reasoning_gym")
+
+
 @dataclass
 class ProblemSource:
-    """Where problems come from: exactly one of ``dataset``, ``path`` or ``arithmetic``."""
+    """Where problems come from: exactly one of ``dataset``, ``path``, ``arithmetic``, ``reasoning_gym``."""
 
     dataset: str | None = None  # HF hub name (or a local dataset script/directory) for load_dataset
     path: Path | None = None  # .json (a list), .jsonl, .parquet, or a save_to_disk directory
     arithmetic: ArithmeticSpec | None = None
+    reasoning_gym: ReasoningGymSpec | None = None  # math mode; graded by the task's own scorer
     subset: str | None = None  # HF config name, e.g. "solutions" for open-r1/codeforces-cots
     split: str = "train"
     mode: Mode = "math"
@@ -62,11 +73,13 @@ class ProblemSource:
     strict: bool = True
 
     def __post_init__(self) -> None:
-        given = [name for name in ("dataset", "path", "arithmetic") if getattr(self, name) is not None]
+        given = [name for name in SOURCE_KINDS if getattr(self, name) is not None]
         if len(given) != 1:
             raise ConfigError(
-                f"problems: set exactly one of dataset, path, arithmetic (got {given or 'none'})"
+                f"problems: set exactly one of {', '.join(SOURCE_KINDS)} (got {given or 'none'})"
             )
+        if self.reasoning_gym is not None and self.mode != "math":
+            raise ConfigError("problems.mode: reasoning_gym problems are math mode (a final answer)")
         if self.limit is not None and self.limit < 1:
             raise ConfigError(f"problems.limit: must be positive, got {self.limit}")
 
@@ -79,10 +92,15 @@ class Problem:
     answer: str | None = None  # math
     tests: tuple[dict[str, str], ...] | None = None  # code
     index: int = 0  # position in the source (0-based; a JSONL line number minus one), for reference only
+    solution: str | None = None  # a worked solution (demonstration), when the source has one
+    verifier: Mapping[str, Any] | None = None  # a reference of its own kind (reasoning-gym: how to regrade)
 
     @property
     def reference(self) -> Any:
-        """What the grader compares against: the gold answer (math) or the list of tests (code)."""
+        """What the grader compares against: the gold answer (math), the list of tests (code), or the
+        problem's own verifier reference (reasoning-gym)."""
+        if self.verifier is not None:
+            return dict(self.verifier)
         return self.answer if self.mode == "math" else [dict(t) for t in self.tests or ()]
 
 
@@ -134,7 +152,23 @@ def load_problems(source: ProblemSource) -> tuple[list[Problem], LoadReport]:
     return problems, report
 
 
+def normalised_text_hash(text: str) -> str:
+    """A hash of a problem statement that ignores case, whitespace and trailing punctuation."""
+    normal = " ".join(text.lower().split()).rstrip(" .?!")
+    return hashlib.sha1(normal.encode()).hexdigest()[:16]
+
+
+def drop_overlap(problems: Sequence[Problem], others: Iterable[Problem | str]) -> list[Problem]:
+    """``problems`` minus those whose normalised statement appears among ``others`` (problems or texts)."""
+    seen = {normalised_text_hash(o if isinstance(o, str) else o.text) for o in others}
+    return [p for p in problems if normalised_text_hash(p.text) not in seen]
+
+
 def describe(source: ProblemSource) -> str:
+    if source.reasoning_gym is not None:
+        g = source.reasoning_gym
+        extra = f", config={g.config}" if g.config else ""
+        return f"reasoning_gym({g.task}, seeds [{g.seed}, {g.seed + g.size}){extra})"
     if source.arithmetic is not None:
         a = source.arithmetic
         return f"arithmetic(n={a.n}, seed={a.seed}, difficulty={a.difficulty})"
@@ -153,7 +187,12 @@ def parse_row(row: Any, index: int, source: ProblemSource) -> Problem:
     text = _text_field(row, source.problem_field, PROBLEM_FIELDS[source.mode], "missing problem")
     if source.mode == "math":
         answer = _math_answer(row, source.answer_field)
-        return Problem(problem_id("math", text, answer), "math", text, answer=answer, index=index)
+        solution = _solution(row, source.answer_field or _pick(row, None, ANSWER_FIELDS["math"])[0])
+        verifier = row.get("reference") if source.reasoning_gym is not None else None
+        return Problem(
+            problem_id("math", text, answer), "math", text, answer=answer, index=index, solution=solution,
+            verifier=verifier,
+        )  # fmt: skip
     tests = _code_tests(row, source.answer_field)
     reference = [dict(t) for t in tests]
     return Problem(problem_id("code", text, reference), "code", text, tests=tests, index=index)
@@ -194,6 +233,13 @@ def _math_answer(row: Mapping, configured: str | None) -> str:
     return answer
 
 
+def _solution(row: Mapping, answer_field: str) -> str | None:
+    value = row.get(SOLUTION_FIELD)
+    if SOLUTION_FIELD == answer_field or not isinstance(value, str) or not value.strip():
+        return None
+    return value
+
+
 def _code_tests(row: Mapping, configured: str | None) -> tuple[dict[str, str], ...]:
     name, value = _pick(row, configured, ANSWER_FIELDS["code"])
     if value is None:
@@ -224,6 +270,11 @@ def _code_tests(row: Mapping, configured: str | None) -> tuple[dict[str, str], .
 
 
 def _rows(source: ProblemSource) -> Iterator[tuple[int, Any]]:
+    if source.reasoning_gym is not None:
+        from megatron_sdzero.data.reasoning_gym import gym_rows
+
+        yield from enumerate(gym_rows(source.reasoning_gym))
+        return
     if source.arithmetic is not None:
         from megatron_sdzero.data.arithmetic import make_arithmetic_problems
 
