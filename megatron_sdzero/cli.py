@@ -24,7 +24,10 @@ COMMANDS: dict[str, Command] = {
     "srt-prepare": Command("megatron_sdzero.srt.prepare:main", "Phase 1: clean, dedupe, split SFT stages"),
     "sft": Command("megatron_sdzero.training.sft:main", "Phase 1: two-stage SFT on Megatron (SRT model)"),
     "distill": Command("megatron_sdzero.distill.loop:main", "Phase 2: on-policy self-distillation"),
-    "eval": Command("megatron_sdzero.eval.run:main", "avg@k / pass@k evaluation"),
+    "eval": Command("megatron_sdzero.eval.run:main", "avg@k / pass@k evaluation over a list of benchmarks"),
+    "split-openr1": Command(
+        "megatron_sdzero.data.split:main", "a held-out OpenR1-Math split, disjoint from training"
+    ),
     "demo": Command("megatron_sdzero.demo:main", "both phases end to end on a tiny model (CPU)"),
 }
 

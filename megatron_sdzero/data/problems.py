@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from megatron_sdzero.config import ConfigError
+from megatron_sdzero.data.benchmarks import ADAPTERS, ProblemFiltered
 from megatron_sdzero.data.reasoning_gym import ReasoningGymSpec
 
 Mode = Literal["math", "code"]
@@ -69,6 +70,7 @@ class ProblemSource:
     mode: Mode = "math"
     problem_field: str | None = None  # None: the first present of PROBLEM_FIELDS[mode]
     answer_field: str | None = None  # None: the first present of ANSWER_FIELDS[mode]
+    format: str | None = None  # a benchmark's row format (data/benchmarks.py: aime, livecodebench, ...)
     limit: int | None = None  # keep the first `limit` valid problems
     strict: bool = True
 
@@ -78,6 +80,12 @@ class ProblemSource:
             raise ConfigError(
                 f"problems: set exactly one of {', '.join(SOURCE_KINDS)} (got {given or 'none'})"
             )
+        if self.format is not None:
+            if self.format not in ADAPTERS:
+                raise ConfigError(f"problems.format: {self.format!r} is not one of {sorted(ADAPTERS)}")
+            if ADAPTERS[self.format][0] != self.mode:
+                wanted = ADAPTERS[self.format][0]
+                raise ConfigError(f"problems.mode: {self.format} problems are {wanted} mode")
         if self.reasoning_gym is not None and self.mode != "math":
             raise ConfigError("problems.mode: reasoning_gym problems are math mode (a final answer)")
         if self.limit is not None and self.limit < 1:
@@ -111,6 +119,7 @@ class LoadReport:
     loaded: int = 0
     duplicates: int = 0
     skipped: Counter[str] = field(default_factory=Counter)
+    filtered: Counter[str] = field(default_factory=Counter)  # valid rows a benchmark format leaves out
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -119,6 +128,7 @@ class LoadReport:
             "loaded": self.loaded,
             "duplicates": self.duplicates,
             "skipped": dict(self.skipped),
+            "filtered": dict(self.filtered),
         }
 
 
@@ -136,6 +146,9 @@ def load_problems(source: ProblemSource) -> tuple[list[Problem], LoadReport]:
         report.rows += 1
         try:
             problem = parse_row(row, index, source)
+        except ProblemFiltered as why:  # valid, but the benchmark keeps it out of automatic grading
+            report.filtered[str(why)] += 1
+            continue
         except ProblemFormatError as err:
             if source.strict:
                 raise ProblemFormatError(f"{report.source}: row {index}: {err}") from None
@@ -184,18 +197,38 @@ def parse_row(row: Any, index: int, source: ProblemSource) -> Problem:
         raise ProblemFormatError(f"invalid json: {row.error}")
     if not isinstance(row, Mapping):
         raise ProblemFormatError(f"not an object: got {type(row).__name__}")
-    text = _text_field(row, source.problem_field, PROBLEM_FIELDS[source.mode], "missing problem")
+    own_reference = source.reasoning_gym is not None or source.format is not None
+    problem_field, answer_field = source.problem_field, source.answer_field
+    if source.format is not None:
+        row, problem_field, answer_field = _adapted(row, source.format), None, None
+    verifier = row.get("reference") if own_reference else None
+    text = _text_field(row, problem_field, PROBLEM_FIELDS[source.mode], "missing problem")
     if source.mode == "math":
-        answer = _math_answer(row, source.answer_field)
-        solution = _solution(row, source.answer_field or _pick(row, None, ANSWER_FIELDS["math"])[0])
-        verifier = row.get("reference") if source.reasoning_gym is not None else None
+        answer = _math_answer(row, answer_field)
+        solution = _solution(row, answer_field or _pick(row, None, ANSWER_FIELDS["math"])[0])
         return Problem(
             problem_id("math", text, answer), "math", text, answer=answer, index=index, solution=solution,
             verifier=verifier,
         )  # fmt: skip
-    tests = _code_tests(row, source.answer_field)
-    reference = [dict(t) for t in tests]
-    return Problem(problem_id("code", text, reference), "code", text, tests=tests, index=index)
+    tests = _code_tests(verifier if verifier is not None else row, answer_field)
+    reference = verifier if verifier is not None else [dict(t) for t in tests]
+    return Problem(
+        problem_id("code", text, reference), "code", text, tests=tests, index=index,
+        solution=_solution(row, answer_field or ""), verifier=verifier,
+    )  # fmt: skip
+
+
+def _adapted(row: Mapping, name: str) -> Mapping:
+    from megatron_sdzero.data.benchmarks import ADAPTERS, _FormatError
+
+    try:
+        return ADAPTERS[name][1](row)
+    except _FormatError as err:
+        raise ProblemFormatError(str(err)) from None
+    except (KeyError, TypeError, ValueError) as err:
+        if isinstance(err, ProblemFiltered):
+            raise
+        raise ProblemFormatError(f"malformed {name} row: {type(err).__name__}: {err}") from None
 
 
 def _names(configured: str | None, candidates: tuple[str, ...]) -> tuple[str, ...]:
@@ -282,12 +315,12 @@ def _rows(source: ProblemSource) -> Iterator[tuple[int, Any]]:
         yield from enumerate(make_arithmetic_problems(a.n, a.seed, a.difficulty))
         return
     if source.path is not None:
-        yield from _file_rows(Path(source.path), source.strict, source.split)
+        yield from file_rows(Path(source.path), source.strict, source.split)
         return
     yield from enumerate(_hf_dataset(source))
 
 
-def _file_rows(path: Path, strict: bool, split: str) -> Iterator[tuple[int, Any]]:
+def file_rows(path: Path, strict: bool, split: str) -> Iterator[tuple[int, Any]]:
     if not path.exists():
         raise ConfigError(f"problems.path: {path} does not exist")
     if path.is_dir() or path.suffix in (".parquet", ".arrow", ".csv"):

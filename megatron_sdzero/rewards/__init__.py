@@ -19,6 +19,7 @@ from megatron_sdzero.rewards.code_reward import (
     extract_last_code_block,
     outputs_match,
 )
+from megatron_sdzero.rewards.harness_reward import HarnessedCodeReward
 from megatron_sdzero.rewards.math_reward import MathReward, MathRewardConfig, cap_response, wrap_gold
 from megatron_sdzero.rewards.sandbox import SandboxConfig, SandboxReport, SandboxUnavailableError
 
@@ -35,7 +36,7 @@ def build_reward(config: RewardConfig) -> Reward:
     if config.mode == "math":
         return MathReward(config.math)
     if config.mode == "code":
-        return CodeReward(config.code)
+        return HarnessedCodeReward(config.code)  # plain stdin/stdout tests grade exactly as CodeReward
     raise ValueError(f"unknown reward mode {config.mode!r}; expected 'math' or 'code'")
 
 
@@ -44,6 +45,7 @@ __all__ = [
     "CodeReward",
     "CodeRewardConfig",
     "GradedBatch",
+    "HarnessedCodeReward",
     "MathReward",
     "MathRewardConfig",
     "Reward",
