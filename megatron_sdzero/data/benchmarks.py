@@ -217,6 +217,21 @@ def builtin_rows(name: str) -> list[dict[str, Any]]:
 
 BUILTINS = {"humaneval": "humaneval"}  # builtin name -> its row format
 
+
+def ifeval(row: Row) -> dict[str, Any]:
+    """IFEval (google/IFEval: key, prompt, instruction_id_list, kwargs; the Parquet release fills every
+    kwargs field, unused ones with null)."""
+    from megatron_sdzero.rewards.ifeval import ifeval_reference
+
+    prompt = _text(row, "prompt")
+    instructions, kwargs = row.get("instruction_id_list"), row.get("kwargs")
+    if not isinstance(instructions, list) or not isinstance(kwargs, list) or len(instructions) != len(kwargs):
+        raise _FormatError(
+            "malformed instructions: instruction_id_list and kwargs must be lists of one length"
+        )
+    return {"problem": prompt, "reference": ifeval_reference(instructions, kwargs, prompt)}
+
+
 ADAPTERS: dict[str, tuple[str, Callable[[Row], dict[str, Any]]]] = {
     "aime": ("math", aime),
     "matharena": ("math", matharena),
@@ -225,4 +240,5 @@ ADAPTERS: dict[str, tuple[str, Callable[[Row], dict[str, Any]]]] = {
     "livecodebench": ("code", livecodebench),
     "codeforces": ("code", codeforces),
     "humaneval": ("code", humaneval),
+    "ifeval": ("instruct", ifeval),
 }

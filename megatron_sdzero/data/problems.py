@@ -25,12 +25,13 @@ from megatron_sdzero.config import ConfigError
 from megatron_sdzero.data.benchmarks import ADAPTERS, BUILTINS, ProblemFiltered, builtin_rows
 from megatron_sdzero.data.reasoning_gym import ReasoningGymSpec
 
-Mode = Literal["math", "code"]
+Mode = Literal["math", "code", "instruct"]  # instruct: free text with verifiable instructions (IFEval)
 
 # Field names tried in order when the config names none (OpenR1-Math, codeforces-cots, plain files).
 PROBLEM_FIELDS: dict[str, tuple[str, ...]] = {
     "math": ("problem", "question"),
     "code": ("prompt", "problem", "description"),
+    "instruct": ("problem", "prompt"),
 }
 ANSWER_FIELDS: dict[str, tuple[str, ...]] = {
     "math": ("answer", "solution"),
@@ -217,6 +218,12 @@ def parse_row(row: Any, index: int, source: ProblemSource) -> Problem:
             problem_id("math", text, answer), "math", text, answer=answer, index=index, solution=solution,
             verifier=verifier,
         )  # fmt: skip
+    if source.mode == "instruct":
+        if verifier is None:
+            raise ProblemFormatError("missing instructions: instruct problems come from format: ifeval")
+        return Problem(
+            problem_id("instruct", text, verifier), "instruct", text, index=index, verifier=verifier
+        )
     tests = _code_tests(verifier if verifier is not None else row, answer_field)
     reference = verifier if verifier is not None else [dict(t) for t in tests]
     return Problem(

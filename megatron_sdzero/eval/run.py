@@ -149,7 +149,7 @@ def run_eval(config: EvalConfig, engine: Any = None, progress: Any = None) -> di
 
 
 def _reward_config(reward: RewardConfig, mode: str) -> RewardConfig:
-    return RewardConfig(mode=mode, math=reward.math, code=reward.code)  # type: ignore[arg-type]
+    return RewardConfig(mode=mode, math=reward.math, code=reward.code, ifeval=reward.ifeval)  # type: ignore[arg-type]
 
 
 def _write_single_report(config: EvalConfig, run: BenchmarkRun, results: dict[str, Any]) -> None:

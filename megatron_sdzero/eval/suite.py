@@ -37,7 +37,7 @@ class BenchmarkConfig:
 
     name: str  # names its log file and its row of the table: letters, digits, _ . -
     problems: ProblemSource
-    reward_mode: Literal["math", "code"] | None = None  # None: problems.mode
+    reward_mode: Literal["math", "code", "instruct"] | None = None  # None: problems.mode
     k: int | None = None
     pass_at: list[int] | None = None
     sampling: dict[str, Any] = field(default_factory=dict)  # overrides of the top-level sampling
