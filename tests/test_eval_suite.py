@@ -207,3 +207,57 @@ def test_markdown_table_by_hand() -> None:
         "| aime24 | 30 | 25.0 [10.0, 40.0] | 50.0 [30.0, 70.0] | - |",
         "| ifeval | 541 | - | - | 81.2 [75.0, 87.5] |",
     ]
+
+
+def test_validation_set_scores_and_must_not_overlap_reported_benchmarks(tokenizer) -> None:
+    from megatron_sdzero.eval.selection import ValidationConfig, load_validation
+    from megatron_sdzero.rewards import MathRewardConfig, RewardConfig, build_reward
+
+    def validation(**values) -> ValidationConfig:
+        return from_dict(
+            ValidationConfig,
+            {
+                "benchmark": {"name": "val", "problems": {"arithmetic": {"n": 6, "seed": 9}}, "k": 4},
+                "options": {"k": 8, "pass_at": [1, 4, 8]},
+                **values,
+            },
+        )
+
+    chosen = load_validation(validation(metric="pass@4", reported=[{"arithmetic": {"n": 20, "seed": 1}}]))
+    assert chosen.options.k == 4 and chosen.options.pass_at == [1, 4] and chosen.metric == "pass@4"
+    engine = GoldEngine(tokenizer, chosen.problems)
+    with build_reward(RewardConfig(math=MathRewardConfig(num_workers=1))) as grader:
+        score, report = chosen.score(engine, grader, ChatFormat(tokenizer))
+    assert score == report.scores["pass@4"] and len(report.problems) == 6
+    with pytest.raises(ConfigError, match="6 of the 6 problems of 'val' are also in the reported benchmark"):
+        load_validation(validation(reported=[{"arithmetic": {"n": 30, "seed": 9}}]))
+    with pytest.raises(ConfigError, match="validation.metric"):
+        validation(metric="pass@8")
+
+
+def test_sdzero_eval_keeps_its_validation_benchmark_apart(tokenizer, tmp_path: Path) -> None:
+    config = _config(tmp_path)
+    config.validation = "words"
+    results = run_eval(config, engine=GoldEngine(tokenizer, _all_problems(config)))
+    table = (tmp_path / "results.md").read_text()
+    reported, validation = table.split("Validation set")
+    assert "| easy |" in reported and "| words |" not in reported and "| words |" in validation
+    assert results["validation"] == "words"
+    overlapping = from_dict(
+        EvalConfig,
+        {
+            "model": {"path": "m"},
+            "validation": "val",
+            "benchmarks": [
+                {"name": "val", "problems": {"arithmetic": {"n": 4, "seed": 1}}},
+                {"name": "test", "problems": {"arithmetic": {"n": 8, "seed": 1}}},
+            ],
+            "output": {"dir": str(tmp_path / "overlap")},
+        },
+    )
+    with pytest.raises(ConfigError, match="also in the reported benchmark test"):
+        run_eval(overlapping, engine=GoldEngine(tokenizer, _all_problems(overlapping)))
+    with pytest.raises(ConfigError, match="names none"):
+        from_dict(
+            EvalConfig, {"model": {"path": "m"}, "validation": "x", "problems": {"arithmetic": {"n": 2}}}
+        )

@@ -17,15 +17,23 @@ def metric_names(benchmarks: Mapping[str, Mapping[str, Any]]) -> list[str]:
     return names
 
 
-def markdown_table(model: str, benchmarks: Mapping[str, Mapping[str, Any]]) -> str:
-    """One row per benchmark: each score with its 95 % bootstrap interval over problems."""
+def markdown_table(
+    model: str, benchmarks: Mapping[str, Mapping[str, Any]], validation: str | None = None
+) -> str:
+    """One row per reported benchmark: each score with its 95 % bootstrap interval over problems; the
+    validation benchmark (checkpoint selection) goes in a table of its own below."""
+    reported = {name: s for name, s in benchmarks.items() if name != validation}
+    lines = [f"Model: `{model}`. Scores in percent, [95 % bootstrap interval over problems].", ""]
+    lines += _table(reported)
+    if validation is not None and validation in benchmarks:
+        lines += ["", "Validation set (selects checkpoints; not a reported number):", ""]
+        lines += _table({validation: benchmarks[validation]})
+    return "\n".join(lines) + "\n"
+
+
+def _table(benchmarks: Mapping[str, Mapping[str, Any]]) -> list[str]:
     columns = metric_names(benchmarks)
-    lines = [
-        f"Model: `{model}`. Scores in percent, [95 % bootstrap interval over problems].",
-        "",
-        "| benchmark | problems | " + " | ".join(columns) + " |",
-        "|---|---:|" + "---:|" * len(columns),
-    ]
+    lines = ["| benchmark | problems | " + " | ".join(columns) + " |", "|---|---:|" + "---:|" * len(columns)]
     for name, summary in benchmarks.items():
         cells = []
         for column in columns:
@@ -35,7 +43,7 @@ def markdown_table(model: str, benchmarks: Mapping[str, Mapping[str, Any]]) -> s
             low, high = summary["ci95"][column]
             cells.append(f"{100 * summary[column]:.1f} [{100 * low:.1f}, {100 * high:.1f}]")
         lines.append(f"| {name} | {summary['num_problems']} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def write_atomically(path: Path, text: str) -> None:
@@ -49,5 +57,6 @@ def write_results(directory: Path, results: Mapping[str, Any]) -> tuple[Path, Pa
     """``results.json`` (everything) and ``results.md`` (the table) in ``directory``."""
     as_json, as_markdown = directory / "results.json", directory / "results.md"
     write_atomically(as_json, json.dumps(results, indent=2) + "\n")
-    write_atomically(as_markdown, markdown_table(results["model"], results["benchmarks"]))
+    table = markdown_table(results["model"], results["benchmarks"], results.get("validation"))
+    write_atomically(as_markdown, table)
     return as_json, as_markdown

@@ -30,6 +30,7 @@ from megatron_sdzero.data.formatting import ChatFormat, PromptConfig
 from megatron_sdzero.data.problems import ProblemSource, load_problems
 from megatron_sdzero.eval.evaluate import EvalOptions
 from megatron_sdzero.eval.report import write_atomically, write_results
+from megatron_sdzero.eval.selection import check_disjoint
 from megatron_sdzero.eval.suite import (
     BenchmarkConfig,
     BenchmarkRun,
@@ -63,6 +64,9 @@ class EvalConfig:
     reward: RewardConfig = field(default_factory=RewardConfig)  # grader settings; mode: single form only
     eval: EvalOptions = field(default_factory=EvalOptions)  # defaults for every benchmark
     output: EvalOutput = field(default_factory=EvalOutput)
+    # The benchmark that selects checkpoints: evaluated, checked to share no problem with the others,
+    # and kept out of the table of reported numbers.
+    validation: str | None = None
 
     def __post_init__(self) -> None:
         if (self.problems is None) == (not self.benchmarks):
@@ -74,6 +78,8 @@ class EvalConfig:
                 f"reward.mode: {self.reward.mode!r} does not grade {self.problems.mode!r} problems"
             )
         check_benchmarks(self.suite, self.eval)
+        if self.validation is not None and self.validation not in {b.name for b in self.suite}:
+            raise ConfigError(f"validation: {self.validation!r} names none of the benchmarks")
 
     @property
     def suite(self) -> list[BenchmarkConfig]:
@@ -117,6 +123,11 @@ def prepare(config: EvalConfig) -> list[BenchmarkRun]:
             str(config.model.path), benchmark, options, sampling, config.prompt, config.rollout.max_model_len
         )
         runs.append(BenchmarkRun(benchmark, problems, report, options, sampling, key))
+    for validation in (r for r in runs if r.benchmark.name == config.validation):
+        for other in (r for r in runs if r is not validation):
+            check_disjoint(
+                validation.benchmark.name, validation.problems, other.benchmark.name, other.problems
+            )
     return runs
 
 
@@ -125,7 +136,11 @@ def run_eval(config: EvalConfig, engine: Any = None, progress: Any = None) -> di
     started = time.perf_counter()
     runs = prepare(config)
     directory = config.output_dir
-    results: dict[str, Any] = {"model": str(config.model.path), "benchmarks": {}}
+    results: dict[str, Any] = {
+        "model": str(config.model.path),
+        "validation": config.validation,
+        "benchmarks": {},
+    }
     with ExitStack() as stack:
         if engine is None:
             engine = build_engine(ModelSource(hf_model_dir(config), config.model.family), config.rollout)
