@@ -261,3 +261,20 @@ def test_sdzero_eval_keeps_its_validation_benchmark_apart(tokenizer, tmp_path: P
         from_dict(
             EvalConfig, {"model": {"path": "m"}, "validation": "x", "problems": {"arithmetic": {"n": 2}}}
         )
+
+
+def test_the_paper_recipe_resolves() -> None:
+    from megatron_sdzero.config import load_config
+
+    root = Path(__file__).resolve().parents[1]
+    config = load_config(EvalConfig, root / "examples" / "eval_qwen3_4b_paper.yaml")
+    names = [b.name for b in config.suite]
+    assert names[:8] == ["aime24", "aime25", "hmmt_feb25", "amo_bench", "openr1_heldout", "livecodebench",
+                         "codeforces", "ifeval"]  # fmt: skip
+    assert config.validation == "openr1_val" and {b.mode for b in config.suite} == {
+        "math",
+        "code",
+        "instruct",
+    }
+    assert all(b.options(config.eval).k == 8 for b in config.suite)
+    assert config.suite[5].sampling_params(config.sampling).max_tokens == 16384
