@@ -244,13 +244,21 @@ def test_functional_and_stdin_problems_grade_through_the_code_sandbox(tmp_path: 
     }
     (two_sum,), _ = _load(_jsonl(tmp_path / "lcb.jsonl", [row]), "livecodebench", "code")
     wrong = "class Solution:\n    def twoSum(self, nums, target):\n        return [1, 0]\n"
-    responses = [f"```python\n{TWO_SUM}```", f"```python\n{wrong}```", "no code", f"```python\n{TWO_SUM}```"]
-    references = [two_sum.reference] * 3 + [[{"input": "", "output": "x"}]]  # the last: a plain stdin test
+    cpp = "```cpp\nint main() { return 0; }\n```"
+    responses = [
+        f"```python\n{TWO_SUM}```",
+        f"```python\n{wrong}```",
+        "no code",
+        cpp,
+        f"```python\n{TWO_SUM}```",
+    ]
+    references = [two_sum.reference] * 4 + [[{"input": "", "output": "x"}]]  # the last: a plain stdin test
     config = RewardConfig(mode="code", code=CodeRewardConfig(num_workers=1, languages=("python",)))
     with build_reward(config) as grader:
         graded = grader.grade_batch(responses, references)
     assert [(r.score, r.reason) for r in graded.results] == [
-        (1.0, "passed"), (0.0, "wrong_answer"), (0.0, "no_code_block"), (0.0, "wrong_answer"),
+        (1.0, "passed"), (0.0, "wrong_answer"), (0.0, "no_code_block"), (0.0, "unsupported_language"),
+        (0.0, "wrong_answer"),
     ]  # fmt: skip
 
 

@@ -278,3 +278,15 @@ def test_the_paper_recipe_resolves() -> None:
     }
     assert all(b.options(config.eval).k == 8 for b in config.suite)
     assert config.suite[5].sampling_params(config.sampling).max_tokens == 16384
+
+
+def test_the_offline_suite_recipe_resolves_and_its_gym_seeds_are_disjoint() -> None:
+    from megatron_sdzero.config import load_config
+    from megatron_sdzero.data.reasoning_gym import check_disjoint_seeds
+
+    root = Path(__file__).resolve().parents[1]
+    config = load_config(EvalConfig, root / "examples" / "eval_smollm2_suite_gpu.yaml")
+    gym = [b.problems.reasoning_gym for b in config.suite if b.problems.reasoning_gym is not None]
+    assert len(gym) == 2
+    check_disjoint_seeds(gym[0], gym[1])
+    assert [b.mode for b in config.suite] == ["math", "math", "math", "code"]

@@ -14,16 +14,23 @@ class HarnessedCodeReward(CodeReward):
     """CodeReward that also grades function-call problems (LiveCodeBench functional, HumanEval)."""
 
     def _grade_all(self, responses: list[str], answers: list[Any]) -> list[RewardResult]:
-        rewritten, tests = [], []
-        for response, answer in zip(responses, answers, strict=True):
+        results: list[RewardResult | None] = [None] * len(responses)
+        graded, programs, tests = [], [], []
+        for k, (response, answer) in enumerate(zip(responses, answers, strict=True)):
             if not is_harness_reference(answer):
-                rewritten.append(response)
+                graded.append(k)
+                programs.append(response)
                 tests.append(answer)
                 continue
             block = extract_last_code_block(response, self.config.untagged_language)
-            if block is None or block.language != "python":
-                rewritten.append(response)  # graded as it is: no python block to call into
+            if block is None:
+                results[k] = RewardResult(0.0, "no_code_block", "", 0.0)
+            elif block.language != "python":  # the harness calls into Python code
+                results[k] = RewardResult(0.0, "unsupported_language", block.code, 0.0, block.language)
             else:
-                rewritten.append(f"```python\n{harnessed_program(block.code, answer)}\n```")
-            tests.append(answer["tests"])
-        return super()._grade_all(rewritten, tests)
+                graded.append(k)
+                programs.append(f"```python\n{harnessed_program(block.code, answer)}\n```")
+                tests.append(answer["tests"])
+        for k, result in zip(graded, super()._grade_all(programs, tests), strict=True):
+            results[k] = result
+        return results  # type: ignore[return-value]
