@@ -34,6 +34,7 @@ from megatron_sdzero.eval.selection import check_disjoint
 from megatron_sdzero.eval.suite import (
     BenchmarkConfig,
     BenchmarkRun,
+    ResumeLog,
     check_benchmarks,
     identity,
     run_benchmark,
@@ -136,6 +137,9 @@ def run_eval(config: EvalConfig, engine: Any = None, progress: Any = None) -> di
     started = time.perf_counter()
     runs = prepare(config)
     directory = config.output_dir
+    logs = [
+        ResumeLog(directory / f"{run.benchmark.name}.jsonl", run.identity) for run in runs
+    ]  # before the engine
     results: dict[str, Any] = {
         "model": str(config.model.path),
         "validation": config.validation,
@@ -147,19 +151,19 @@ def run_eval(config: EvalConfig, engine: Any = None, progress: Any = None) -> di
             stack.callback(engine.close)
         fmt = ChatFormat(engine.tokenizer)
         graders: dict[str, Any] = {}
-        for run in runs:
+        for run, log in zip(runs, logs, strict=True):
             mode = run.benchmark.mode
             if mode not in graders:
                 graders[mode] = stack.enter_context(build_reward(_reward_config(config.reward, mode)))
             results["benchmarks"][run.benchmark.name] = run_benchmark(
-                run, engine, graders[mode], fmt, config.prompt, directory / f"{run.benchmark.name}.jsonl",
+                run, engine, graders[mode], fmt, config.prompt, log,
                 token_limit=config.rollout.max_model_len, progress=progress,
             )  # fmt: skip
             results["seconds"] = round(time.perf_counter() - started, 3)
             results["config"] = to_dict(config)
             write_results(directory, results)  # after each benchmark: a partial table is still a table
     if config.problems is not None and config.output.report is not None:
-        _write_single_report(config, runs[0], results)
+        _write_single_report(config, runs[0], logs[0], results)
     return results
 
 
@@ -167,12 +171,11 @@ def _reward_config(reward: RewardConfig, mode: str) -> RewardConfig:
     return RewardConfig(mode=mode, math=reward.math, code=reward.code, ifeval=reward.ifeval)  # type: ignore[arg-type]
 
 
-def _write_single_report(config: EvalConfig, run: BenchmarkRun, results: dict[str, Any]) -> None:
+def _write_single_report(
+    config: EvalConfig, run: BenchmarkRun, log: ResumeLog, results: dict[str, Any]
+) -> None:
     """The single-benchmark form's report.json: top-level scores and the per-problem list."""
-    from megatron_sdzero.eval.suite import ResumeLog
-
     summary = results["benchmarks"][SINGLE_BENCHMARK]
-    log = ResumeLog(Path(summary["log"]), run.identity)
     problems = [asdict(log.finished[p.id]) for p in run.problems]
     report = {
         "model": results["model"],
@@ -193,7 +196,11 @@ def _write_single_report(config: EvalConfig, run: BenchmarkRun, results: dict[st
 
 def main(argv: Sequence[str] | None = None) -> int:
     def run(config: EvalConfig) -> int:
-        results = run_eval(config)
+        try:
+            results = run_eval(config)
+        except ConfigError as err:  # found while loading problems or resume logs: one line, no traceback
+            print(f"sdzero eval: error: {err}", file=sys.stderr)
+            return 2
         for name, summary in results["benchmarks"].items():
             scores = ", ".join(f"{k} {v:.4f}" for k, v in summary.items() if k.startswith(("avg@", "pass@")))
             print(f"sdzero eval: {name}: {summary['num_problems']} problems, {scores}")

@@ -171,12 +171,11 @@ def run_benchmark(
     grader: Any,
     fmt: ChatFormat,
     prompt: PromptConfig,
-    log_path: Path,
+    log: ResumeLog,
     token_limit: int | None = None,
     progress: Callable[..., Any] | None = None,
 ) -> dict[str, Any]:
     """Evaluate the problems not yet in the log, then score all of them; returns the summary."""
-    log = ResumeLog(log_path, run.identity)
     resumed = sum(p.id in log.finished for p in run.problems)
     todo = [p for p in run.problems if p.id not in log.finished]
     bar = _progress_bar(run.benchmark.name, len(run.problems), resumed, progress)
@@ -200,7 +199,7 @@ def run_benchmark(
         "tokens_this_run": int(tokens),
         "generation_s": round(generation_s, 3),
         "grading_s": round(grading_s, 3),
-        "log": str(log_path),
+        "log": str(log.path),
     }
 
 
