@@ -140,3 +140,23 @@ def test_source_config_from_yaml_values() -> None:
         from_dict(ProblemSource, {"reasoning_gym": {"task": "chain_sum"}, "arithmetic": {"n": 2}})
     with pytest.raises(ConfigError, match="math mode"):
         from_dict(ProblemSource, {"reasoning_gym": {"task": "chain_sum"}, "mode": "code"})
+
+
+@pytest.mark.parametrize(
+    "task",
+    [
+        "chain_sum",
+        "gsm_symbolic",
+        "leg_counting",
+        "fraction_simplification",
+        "prime_factorization",
+        "basic_arithmetic",
+    ],
+)
+def test_the_gold_answer_scores_one_on_word_and_arithmetic_tasks(task: str) -> None:
+    from megatron_sdzero.data.reasoning_gym import score_gym_answer
+
+    problems, _ = load_problems(_gym(task=task, size=5))
+    assert [score_gym_answer(f"so \\boxed{{{p.answer}}}", p.reference)[0] for p in problems] == [1.0] * len(
+        problems
+    )
