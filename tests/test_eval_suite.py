@@ -290,3 +290,9 @@ def test_the_offline_suite_recipe_resolves_and_its_gym_seeds_are_disjoint() -> N
     assert len(gym) == 2
     check_disjoint_seeds(gym[0], gym[1])
     assert [b.mode for b in config.suite] == ["math", "math", "math", "code"]
+
+
+def test_each_checkpoint_gets_its_own_output_dir() -> None:
+    one = {"name": "a", "problems": {"arithmetic": {"n": 2}}}
+    config = from_dict(EvalConfig, {"model": {"path": "runs/x/hf/step_000200"}, "benchmarks": [one]})
+    assert config.output_dir == Path("outputs/eval/step_000200")

@@ -47,9 +47,9 @@ SINGLE_BENCHMARK = "default"  # the name the single-benchmark form's benchmark g
 
 @dataclass
 class EvalOutput:
-    dir: Path | None = (
-        None  # results.json, results.md, <benchmark>.jsonl; None: report's dir, or outputs/eval
-    )
+    # results.json, results.md, <benchmark>.jsonl. None: the report's directory (single-benchmark
+    # form), else outputs/eval/<last part of model.path>, so each checkpoint gets its own results.
+    dir: Path | None = None
     report: Path | None = None  # the single-benchmark form's report.json (top-level scores)
     export_dir: Path | None = None  # where a Megatron checkpoint is exported; default <dir>/hf
 
@@ -92,7 +92,9 @@ class EvalConfig:
     def output_dir(self) -> Path:
         if self.output.dir is not None:
             return self.output.dir
-        return self.output.report.parent if self.output.report is not None else Path("outputs/eval")
+        if self.output.report is not None:
+            return self.output.report.parent
+        return Path("outputs/eval") / Path(str(self.model.path)).name
 
 
 def is_megatron_checkpoint(path: Path) -> bool:
