@@ -16,7 +16,7 @@ import os
 import re
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -188,7 +188,7 @@ def run_benchmark(
                 bar.update(len(batch))
 
             report = evaluate(
-                todo, engine, grader, fmt, replace(run.sampling), run.options, prompt,
+                todo, engine, grader, fmt, run.sampling, run.options, prompt,
                 token_limit=token_limit, on_batch=record,
             )  # fmt: skip
             tokens, generation_s, grading_s = report.tokens, report.generation_s, report.grading_s
