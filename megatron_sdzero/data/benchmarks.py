@@ -27,14 +27,14 @@ class ProblemFiltered(ValueError):
     """The row is valid but not automatically gradable (interactive, needs an LLM judge, ...)."""
 
 
-class _FormatError(ValueError):
-    """Raised as problems.ProblemFormatError by the caller (kept here to avoid an import cycle)."""
+class RowFormatError(ValueError):
+    """A malformed row; load_problems reports it as a ProblemFormatError (with the file and row)."""
 
 
 def _text(row: Row, name: str) -> str:
     value = row.get(name)
     if not isinstance(value, str) or not value.strip():
-        raise _FormatError(f"missing problem: field {name!r} is not a non-empty string")
+        raise RowFormatError(f"missing problem: field {name!r} is not a non-empty string")
     return value
 
 
@@ -53,10 +53,10 @@ def aime(row: Row) -> dict[str, Any]:
     zeros ("033") and math delimiters are dropped."""
     text = row.get("problem") or row.get("question")
     if not isinstance(text, str) or not text.strip():
-        raise _FormatError("missing problem: no non-empty 'problem' or 'question'")
+        raise RowFormatError("missing problem: no non-empty 'problem' or 'question'")
     answer = _strip_math(row.get("answer", ""))
     if not re.fullmatch(r"\d{1,3}", answer):
-        raise _FormatError(f"malformed answer: an AIME answer is an integer 0-999, got {answer!r}")
+        raise RowFormatError(f"malformed answer: an AIME answer is an integer 0-999, got {answer!r}")
     return {"problem": text, "answer": str(int(answer)), "solution": row.get("solution")}
 
 
@@ -65,7 +65,7 @@ def matharena(row: Row) -> dict[str, Any]:
     answer as LaTeX, problem_type)."""
     answer = _strip_math(row.get("answer", ""))
     if not answer:
-        raise _FormatError("missing answer: field 'answer' is blank")
+        raise RowFormatError("missing answer: field 'answer' is blank")
     return {"problem": _text(row, "problem"), "answer": answer}
 
 
@@ -82,7 +82,7 @@ def amo_bench(row: Row) -> dict[str, Any]:
         raise ProblemFiltered(f"answer_type {kind!r} needs the publisher's judge")
     answer = _strip_math(row.get("answer", ""))
     if not answer:
-        raise _FormatError("missing answer: field 'answer' is blank")
+        raise RowFormatError("missing answer: field 'answer' is blank")
     return {"problem": _text(row, "prompt"), "answer": answer, "solution": row.get("solution")}
 
 
@@ -118,11 +118,11 @@ def decode_lcb_tests(value: Any) -> list[dict[str, Any]]:
         blob = zlib.decompress(base64.b64decode(value.encode(), validate=False))
         decoded = _JsonOnlyUnpickler(io.BytesIO(blob)).load()
     except (ValueError, zlib.error, pickle.UnpicklingError, EOFError) as err:
-        raise _FormatError(f"malformed tests: undecodable private tests ({err})") from None
+        raise RowFormatError(f"malformed tests: undecodable private tests ({err})") from None
     if isinstance(decoded, bytes):
         decoded = decoded.decode()
     if not isinstance(decoded, str):
-        raise _FormatError(
+        raise RowFormatError(
             f"malformed tests: private tests unpickle to {type(decoded).__name__}, not JSON text"
         )
     return json.loads(decoded)
@@ -139,10 +139,10 @@ def livecodebench(row: Row) -> dict[str, Any]:
     content = _text(row, "question_content")
     tests = decode_lcb_tests(row.get("public_test_cases")) + decode_lcb_tests(row.get("private_test_cases"))
     if not tests:
-        raise _FormatError("missing tests: no public or private test cases")
+        raise RowFormatError("missing tests: no public or private test cases")
     kinds = {t.get("testtype") for t in tests}
     if len(kinds) != 1 or not kinds <= {"stdin", "functional"}:
-        raise _FormatError(f"malformed tests: test types {sorted(map(str, kinds))}")
+        raise RowFormatError(f"malformed tests: test types {sorted(map(str, kinds))}")
     starter = row.get("starter_code") or ""
     if kinds == {"stdin"}:
         return {
@@ -153,7 +153,7 @@ def livecodebench(row: Row) -> dict[str, Any]:
     metadata = json.loads(metadata) if isinstance(metadata, str) else metadata
     func_name = metadata.get("func_name")
     if not func_name:
-        raise _FormatError("malformed tests: a functional problem without metadata.func_name")
+        raise RowFormatError("malformed tests: a functional problem without metadata.func_name")
     problem = f"{content}\n\nComplete this code (a class Solution with the method {func_name}):\n\n{starter}"
     return {"problem": problem, "reference": functional_reference(func_name, tests)}
 
@@ -171,7 +171,7 @@ def codeforces(row: Row) -> dict[str, Any]:
         raise ProblemFiltered("needs a special checker")
     tests = row.get("official_tests") or []
     if not tests:
-        raise _FormatError("missing tests: no official_tests")
+        raise RowFormatError("missing tests: no official_tests")
     parts = [f"# {row.get('title') or ''}".rstrip(), _text(row, "description")]
     for heading, name in (("Input", "input_format"), ("Output", "output_format"), ("Note", "note")):
         if row.get(name):
@@ -226,7 +226,7 @@ def ifeval(row: Row) -> dict[str, Any]:
     prompt = _text(row, "prompt")
     instructions, kwargs = row.get("instruction_id_list"), row.get("kwargs")
     if not isinstance(instructions, list) or not isinstance(kwargs, list) or len(instructions) != len(kwargs):
-        raise _FormatError(
+        raise RowFormatError(
             "malformed instructions: instruction_id_list and kwargs must be lists of one length"
         )
     return {"problem": prompt, "reference": ifeval_reference(instructions, kwargs, prompt)}

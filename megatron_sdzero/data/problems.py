@@ -233,11 +233,11 @@ def parse_row(row: Any, index: int, source: ProblemSource) -> Problem:
 
 
 def _adapted(row: Mapping, name: str) -> Mapping:
-    from megatron_sdzero.data.benchmarks import ADAPTERS, _FormatError
+    from megatron_sdzero.data.benchmarks import ADAPTERS, RowFormatError
 
     try:
         return ADAPTERS[name][1](row)
-    except _FormatError as err:
+    except RowFormatError as err:
         raise ProblemFormatError(str(err)) from None
     except (KeyError, TypeError, ValueError) as err:
         if isinstance(err, ProblemFiltered):
