@@ -27,7 +27,10 @@ COMMANDS: dict[str, Command] = {
     "sdft": Command("megatron_sdzero.distill.loop:sdft_main", "baseline: SDFT (demonstration teacher)"),
     "grpo": Command("megatron_sdzero.distill.loop:grpo_main", "baseline: GRPO (group policy gradient)"),
     "rft": Command("megatron_sdzero.algorithms.rft:main", "baseline: rejection-sampling fine-tuning"),
-    "eval": Command("megatron_sdzero.eval.run:main", "avg@k / pass@k evaluation"),
+    "eval": Command("megatron_sdzero.eval.run:main", "avg@k / pass@k evaluation over a list of benchmarks"),
+    "split-openr1": Command(
+        "megatron_sdzero.data.split:main", "a held-out OpenR1-Math split, disjoint from training"
+    ),
     "demo": Command("megatron_sdzero.demo:main", "both phases end to end on a tiny model (CPU)"),
 }
 

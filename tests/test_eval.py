@@ -150,4 +150,5 @@ def test_sdzero_eval_exports_a_megatron_checkpoint_and_writes_a_report(
     assert set(on_disk) >= {"avg@2", "pass@1", "pass@2", "problems", "config"}
     assert all(p["samples"] == 2 and p["mean_tokens"] <= 6 for p in on_disk["problems"])
     assert (tmp_path / "eval" / "hf" / "model.safetensors").is_file()  # the export the engine read
-    assert result["avg@2"] == on_disk["avg@2"]
+    assert result["benchmarks"]["default"]["avg@2"] == on_disk["avg@2"]
+    assert (tmp_path / "eval" / "results.md").read_text().count("| default | 3 |") == 1

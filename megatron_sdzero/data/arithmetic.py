@@ -2,7 +2,9 @@
 
 Difficulty 1: one operation on small numbers. 2: a two-operation expression with parentheses.
 3: a short GSM-style word problem (two or three steps). Every answer is an integer, problems are
-unique within a call, and the same (n, seed, difficulty) always gives the same list.
+unique within a call, and the same (n, seed, difficulty) always gives the same list. Each row also
+carries a short worked ``solution`` ending in ``\boxed{answer}`` (a demonstration for SDFT); it is
+computed from the drawn numbers, so adding it left the problems themselves unchanged.
 
     python -m megatron_sdzero.data.arithmetic --out problems.jsonl --n 500 --seed 0 --difficulty 2
 """
@@ -22,8 +24,7 @@ ITEMS = ("apples", "marbles", "stickers", "books", "pencils", "cookies", "stamps
 
 
 def make_arithmetic_problems(n: int, seed: int = 0, difficulty: int = 1) -> list[Row]:
-    """``n`` unique rows ``{"problem", "answer", "solution"}``: the answer an integer in decimal, the
-    solution a short worked demonstration ending in ``\\boxed{answer}`` (what SDFT's teacher reads)."""
+    """``n`` unique rows ``{"problem", "answer", "solution"}`` (answer: an integer in decimal)."""
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
     if difficulty not in GENERATORS:
@@ -50,10 +51,7 @@ def write_arithmetic_problems(path: str | Path, n: int, seed: int = 0, difficult
     return path
 
 
-Generated = tuple[str, int, str]  # problem, answer, worked steps
-
-
-def _one_operation(rng: random.Random) -> Generated:
+def _one_operation(rng: random.Random) -> tuple[str, int, str]:
     a, b = rng.randint(1, 50), rng.randint(1, 50)
     op = rng.choice("+-*")
     if op == "-" and b > a:
@@ -62,7 +60,7 @@ def _one_operation(rng: random.Random) -> Generated:
     return f"What is {a} {op} {b}?", answer, f"{a} {op} {b} = {answer}."
 
 
-def _two_operations(rng: random.Random) -> Generated:
+def _two_operations(rng: random.Random) -> tuple[str, int, str]:
     a, b, c = rng.randint(2, 30), rng.randint(2, 30), rng.randint(2, 12)
     shape = rng.randrange(3)
     if shape == 0:
@@ -81,7 +79,7 @@ def _two_operations(rng: random.Random) -> Generated:
     return f"Compute {product} / {c} + {b}.", a + b, f"{product} / {c} = {a}, and {a} + {b} = {a + b}."
 
 
-def _word_problem(rng: random.Random) -> Generated:
+def _word_problem(rng: random.Random) -> tuple[str, int, str]:
     name, other = rng.sample(NAMES, 2)
     item = rng.choice(ITEMS)
     start, packs, per_pack = rng.randint(3, 40), rng.randint(2, 6), rng.randint(2, 12)
@@ -93,8 +91,8 @@ def _word_problem(rng: random.Random) -> Generated:
             f"{name} has {start} {item}. {name} buys {packs} packs with {per_pack} {item} each, "
             f"then gives {given} {item} to {other}. How many {item} does {name} have now?",
             total,
-            f"{name} buys {packs} * {per_pack} = {packs * per_pack} {item}, so has {start} + "
-            f"{packs * per_pack} = {start + packs * per_pack}, and after giving {given} has "
+            f"The packs hold {packs} * {per_pack} = {packs * per_pack} {item}, so {name} has "
+            f"{start} + {packs * per_pack} = {start + packs * per_pack}, and after giving {given} away, "
             f"{start + packs * per_pack} - {given} = {total}.",
         )
     if shape == 1:
@@ -105,7 +103,7 @@ def _word_problem(rng: random.Random) -> Generated:
             f"{name} shares {total + start} {item} equally among {friends} friends after keeping {start} "
             f"for themself. How many {item} does each friend get?",
             each,
-            f"{name} shares {total + start} - {start} = {total} {item}, so each friend gets "
+            f"After keeping {start}, {total + start} - {start} = {total} {item} are shared, and "
             f"{total} / {friends} = {each}.",
         )
     price, count, budget_extra = rng.randint(2, 20), rng.randint(2, 9), rng.randint(0, 30)
@@ -114,12 +112,12 @@ def _word_problem(rng: random.Random) -> Generated:
         f"{name} has {budget} dollars and buys {count} {item} at {price} dollars each. "
         f"How many dollars does {name} have left?",
         budget_extra,
-        f"{count} {item} cost {count} * {price} = {price * count} dollars, so {budget} - {price * count} "
-        f"= {budget_extra} dollars are left.",
+        f"The {item} cost {count} * {price} = {price * count} dollars, and {budget} - {price * count} = "
+        f"{budget_extra}.",
     )
 
 
-GENERATORS: dict[int, Callable[[random.Random], Generated]] = {
+GENERATORS: dict[int, Callable[[random.Random], tuple[str, int, str]]] = {
     1: _one_operation,
     2: _two_operations,
     3: _word_problem,

@@ -49,10 +49,12 @@ FAMILY_PHRASES: dict[str, tuple[str, str]] = {
 DEFAULT_SYSTEM = {
     "math": "You are a helpful assistant that solves math problems step by step.",
     "code": "You are a helpful assistant that solves competitive programming problems.",
+    "instruct": "",  # IFEval: the prompt alone, as the benchmark's authors ran it
 }
 DEFAULT_INSTRUCTION = {
     "math": "Please reason step by step, and put your final answer within \\boxed{}.",
     "code": "",  # codeforces-style prompts carry their own output instructions
+    "instruct": "",
 }
 
 

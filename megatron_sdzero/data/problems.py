@@ -1,7 +1,10 @@
-"""Problems for Phase 1 and Phase 2: Hugging Face datasets, local JSON/JSONL, or generated arithmetic.
+"""Problems for Phase 1 and Phase 2: Hugging Face datasets, local JSON/JSONL, generated arithmetic,
+or reasoning-gym generators (:mod:`megatron_sdzero.data.reasoning_gym`).
 
 A math problem is a statement plus a gold answer; a code problem is a statement plus tests
-(``[{"input": ..., "output": ...}, ...]``). Every problem gets a stable id, a hash of its content, so
+(``[{"input": ..., "output": ...}, ...]``). A problem may carry a worked ``solution`` (a
+demonstration for SDFT): OpenR1-Math's ``solution`` column, the arithmetic generator's worked steps,
+or a reasoning-gym task's chain of thought. Every problem gets a stable id, a hash of its content, so
 a resumed or sharded run recognises the same problem whatever order or file it came from.
 
 Malformed rows are an error naming the file and row (``strict: true``, the default) or a counted
@@ -13,26 +16,30 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from megatron_sdzero.config import ConfigError
+from megatron_sdzero.data.benchmarks import ADAPTERS, BUILTINS, ProblemFiltered, builtin_rows
+from megatron_sdzero.data.reasoning_gym import ReasoningGymSpec
 
-Mode = Literal["math", "code"]
+Mode = Literal["math", "code", "instruct"]  # instruct: free text with verifiable instructions (IFEval)
 
 # Field names tried in order when the config names none (OpenR1-Math, codeforces-cots, plain files).
 PROBLEM_FIELDS: dict[str, tuple[str, ...]] = {
     "math": ("problem", "question"),
     "code": ("prompt", "problem", "description"),
+    "instruct": ("problem", "prompt"),
 }
 ANSWER_FIELDS: dict[str, tuple[str, ...]] = {
     "math": ("answer", "solution"),
     "code": ("tests", "official_tests", "test_cases", "examples"),
 }
 
-SOLUTION_FIELDS = ("solution", "reference_solution", "demonstration")  # a worked solution, if the row has one
+
+SOLUTION_FIELD = "solution"  # a demonstration, when the row has one and it is not the answer field
 
 
 class ProblemFormatError(ValueError):
@@ -48,27 +55,45 @@ class ArithmeticSpec:
     difficulty: int = 1
 
 
+SOURCE_KINDS = ("dataset", "path", "arithmetic", "reasoning_gym", "builtin")
+
+
 @dataclass
 class ProblemSource:
-    """Where problems come from: exactly one of ``dataset``, ``path`` or ``arithmetic``."""
+    """Where problems come from: exactly one of ``dataset``, ``path``, ``arithmetic``, ``reasoning_gym``."""
 
     dataset: str | None = None  # HF hub name (or a local dataset script/directory) for load_dataset
     path: Path | None = None  # .json (a list), .jsonl, .parquet, or a save_to_disk directory
     arithmetic: ArithmeticSpec | None = None
+    reasoning_gym: ReasoningGymSpec | None = None  # math mode; graded by the task's own scorer
+    builtin: str | None = None  # a benchmark a package ships: "humaneval" (code mode)
     subset: str | None = None  # HF config name, e.g. "solutions" for open-r1/codeforces-cots
     split: str = "train"
     mode: Mode = "math"
     problem_field: str | None = None  # None: the first present of PROBLEM_FIELDS[mode]
     answer_field: str | None = None  # None: the first present of ANSWER_FIELDS[mode]
+    format: str | None = None  # a benchmark's row format (data/benchmarks.py: aime, livecodebench, ...)
     limit: int | None = None  # keep the first `limit` valid problems
     strict: bool = True
 
     def __post_init__(self) -> None:
-        given = [name for name in ("dataset", "path", "arithmetic") if getattr(self, name) is not None]
+        given = [name for name in SOURCE_KINDS if getattr(self, name) is not None]
         if len(given) != 1:
             raise ConfigError(
-                f"problems: set exactly one of dataset, path, arithmetic (got {given or 'none'})"
+                f"problems: set exactly one of {', '.join(SOURCE_KINDS)} (got {given or 'none'})"
             )
+        if self.builtin is not None:
+            if self.builtin not in BUILTINS:
+                raise ConfigError(f"problems.builtin: {self.builtin!r} is not one of {sorted(BUILTINS)}")
+            self.format = self.format or BUILTINS[self.builtin]
+        if self.format is not None:
+            if self.format not in ADAPTERS:
+                raise ConfigError(f"problems.format: {self.format!r} is not one of {sorted(ADAPTERS)}")
+            if ADAPTERS[self.format][0] != self.mode:
+                wanted = ADAPTERS[self.format][0]
+                raise ConfigError(f"problems.mode: {self.format} problems are {wanted} mode")
+        if self.reasoning_gym is not None and self.mode != "math":
+            raise ConfigError("problems.mode: reasoning_gym problems are math mode (a final answer)")
         if self.limit is not None and self.limit < 1:
             raise ConfigError(f"problems.limit: must be positive, got {self.limit}")
 
@@ -80,12 +105,16 @@ class Problem:
     text: str
     answer: str | None = None  # math
     tests: tuple[dict[str, str], ...] | None = None  # code
-    solution: str | None = None  # a reference solution / demonstration (SDFT's teacher reads it)
     index: int = 0  # position in the source (0-based; a JSONL line number minus one), for reference only
+    solution: str | None = None  # a worked solution (demonstration), when the source has one
+    verifier: Mapping[str, Any] | None = None  # a reference of its own kind (reasoning-gym: how to regrade)
 
     @property
     def reference(self) -> Any:
-        """What the grader compares against: the gold answer (math) or the list of tests (code)."""
+        """What the grader compares against: the gold answer (math), the list of tests (code), or the
+        problem's own verifier reference (reasoning-gym)."""
+        if self.verifier is not None:
+            return dict(self.verifier)
         return self.answer if self.mode == "math" else [dict(t) for t in self.tests or ()]
 
 
@@ -96,6 +125,7 @@ class LoadReport:
     loaded: int = 0
     duplicates: int = 0
     skipped: Counter[str] = field(default_factory=Counter)
+    filtered: Counter[str] = field(default_factory=Counter)  # valid rows a benchmark format leaves out
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -104,6 +134,7 @@ class LoadReport:
             "loaded": self.loaded,
             "duplicates": self.duplicates,
             "skipped": dict(self.skipped),
+            "filtered": dict(self.filtered),
         }
 
 
@@ -121,6 +152,9 @@ def load_problems(source: ProblemSource) -> tuple[list[Problem], LoadReport]:
         report.rows += 1
         try:
             problem = parse_row(row, index, source)
+        except ProblemFiltered as why:  # valid, but the benchmark keeps it out of automatic grading
+            report.filtered[str(why)] += 1
+            continue
         except ProblemFormatError as err:
             if source.strict:
                 raise ProblemFormatError(f"{report.source}: row {index}: {err}") from None
@@ -137,7 +171,25 @@ def load_problems(source: ProblemSource) -> tuple[list[Problem], LoadReport]:
     return problems, report
 
 
+def normalised_text_hash(text: str) -> str:
+    """A hash of a problem statement that ignores case, whitespace and trailing punctuation."""
+    normal = " ".join(text.lower().split()).rstrip(" .?!")
+    return hashlib.sha1(normal.encode()).hexdigest()[:16]
+
+
+def drop_overlap(problems: Sequence[Problem], others: Iterable[Problem | str]) -> list[Problem]:
+    """``problems`` minus those whose normalised statement appears among ``others`` (problems or texts)."""
+    seen = {normalised_text_hash(o if isinstance(o, str) else o.text) for o in others}
+    return [p for p in problems if normalised_text_hash(p.text) not in seen]
+
+
 def describe(source: ProblemSource) -> str:
+    if source.builtin is not None:
+        return f"builtin:{source.builtin}"
+    if source.reasoning_gym is not None:
+        g = source.reasoning_gym
+        extra = f", config={g.config}" if g.config else ""
+        return f"reasoning_gym({g.task}, seeds [{g.seed}, {g.seed + g.size}){extra})"
     if source.arithmetic is not None:
         a = source.arithmetic
         return f"arithmetic(n={a.n}, seed={a.seed}, difficulty={a.difficulty})"
@@ -153,20 +205,44 @@ def parse_row(row: Any, index: int, source: ProblemSource) -> Problem:
         raise ProblemFormatError(f"invalid json: {row.error}")
     if not isinstance(row, Mapping):
         raise ProblemFormatError(f"not an object: got {type(row).__name__}")
-    text = _text_field(row, source.problem_field, PROBLEM_FIELDS[source.mode], "missing problem")
+    own_reference = source.reasoning_gym is not None or source.format is not None
+    problem_field, answer_field = source.problem_field, source.answer_field
+    if source.format is not None:
+        row, problem_field, answer_field = _adapted(row, source.format), None, None
+    verifier = row.get("reference") if own_reference else None
+    text = _text_field(row, problem_field, PROBLEM_FIELDS[source.mode], "missing problem")
     if source.mode == "math":
-        answer = _math_answer(row, source.answer_field)
-        solution = _optional_text(row, SOLUTION_FIELDS)
+        answer = _math_answer(row, answer_field)
+        solution = _solution(row, answer_field or _pick(row, None, ANSWER_FIELDS["math"])[0])
         return Problem(
-            problem_id("math", text, answer), "math", text, answer=answer, solution=solution, index=index
+            problem_id("math", text, answer), "math", text, answer=answer, index=index, solution=solution,
+            verifier=verifier,
+        )  # fmt: skip
+    if source.mode == "instruct":
+        if verifier is None:
+            raise ProblemFormatError("missing instructions: instruct problems come from format: ifeval")
+        return Problem(
+            problem_id("instruct", text, verifier), "instruct", text, index=index, verifier=verifier
         )
-    tests = _code_tests(row, source.answer_field)
-    reference = [dict(t) for t in tests]
-    return Problem(problem_id("code", text, reference), "code", text, tests=tests, index=index)
+    tests = _code_tests(verifier if verifier is not None else row, answer_field)
+    reference = verifier if verifier is not None else [dict(t) for t in tests]
+    return Problem(
+        problem_id("code", text, reference), "code", text, tests=tests, index=index,
+        solution=_solution(row, answer_field or ""), verifier=verifier,
+    )  # fmt: skip
 
 
-def _optional_text(row: Mapping, candidates: tuple[str, ...]) -> str | None:
-    return next((row[name] for name in candidates if isinstance(row.get(name), str) and row[name]), None)
+def _adapted(row: Mapping, name: str) -> Mapping:
+    from megatron_sdzero.data.benchmarks import ADAPTERS, RowFormatError
+
+    try:
+        return ADAPTERS[name][1](row)
+    except RowFormatError as err:
+        raise ProblemFormatError(str(err)) from None
+    except (KeyError, TypeError, ValueError) as err:
+        if isinstance(err, ProblemFiltered):
+            raise
+        raise ProblemFormatError(f"malformed {name} row: {type(err).__name__}: {err}") from None
 
 
 def _names(configured: str | None, candidates: tuple[str, ...]) -> tuple[str, ...]:
@@ -204,6 +280,13 @@ def _math_answer(row: Mapping, configured: str | None) -> str:
     return answer
 
 
+def _solution(row: Mapping, answer_field: str) -> str | None:
+    value = row.get(SOLUTION_FIELD)
+    if SOLUTION_FIELD == answer_field or not isinstance(value, str) or not value.strip():
+        return None
+    return value
+
+
 def _code_tests(row: Mapping, configured: str | None) -> tuple[dict[str, str], ...]:
     name, value = _pick(row, configured, ANSWER_FIELDS["code"])
     if value is None:
@@ -234,6 +317,14 @@ def _code_tests(row: Mapping, configured: str | None) -> tuple[dict[str, str], .
 
 
 def _rows(source: ProblemSource) -> Iterator[tuple[int, Any]]:
+    if source.builtin is not None:
+        yield from enumerate(builtin_rows(source.builtin))
+        return
+    if source.reasoning_gym is not None:
+        from megatron_sdzero.data.reasoning_gym import gym_rows
+
+        yield from enumerate(gym_rows(source.reasoning_gym))
+        return
     if source.arithmetic is not None:
         from megatron_sdzero.data.arithmetic import make_arithmetic_problems
 
@@ -241,12 +332,12 @@ def _rows(source: ProblemSource) -> Iterator[tuple[int, Any]]:
         yield from enumerate(make_arithmetic_problems(a.n, a.seed, a.difficulty))
         return
     if source.path is not None:
-        yield from _file_rows(Path(source.path), source.strict, source.split)
+        yield from file_rows(Path(source.path), source.strict, source.split)
         return
     yield from enumerate(_hf_dataset(source))
 
 
-def _file_rows(path: Path, strict: bool, split: str) -> Iterator[tuple[int, Any]]:
+def file_rows(path: Path, strict: bool, split: str) -> Iterator[tuple[int, Any]]:
     if not path.exists():
         raise ConfigError(f"problems.path: {path} does not exist")
     if path.is_dir() or path.suffix in (".parquet", ".arrow", ".csv"):

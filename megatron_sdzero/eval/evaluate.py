@@ -7,7 +7,7 @@ and two evaluations of different weights differ by the weights, not by the dice.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -44,6 +44,7 @@ class ProblemResult:
     correct: int
     mean_tokens: float
     cut_off: int  # samples that hit max_tokens before stopping
+    outcomes: list[int] = field(default_factory=list)  # 1/0 per sample, in sample order ([] if skipped)
 
 
 @dataclass
@@ -78,11 +79,13 @@ def evaluate(
     options: EvalOptions,
     prompt: PromptConfig | None = None,
     token_limit: int | None = None,
+    on_batch: Callable[[list[ProblemResult]], None] | None = None,
 ) -> EvalReport:
     """avg@k and pass@k of the engine's current weights on ``problems``.
 
     ``token_limit``: prompt + response tokens (the engine's max_model_len); a problem whose prompt
-    leaves no room scores 0 on all k samples.
+    leaves no room scores 0 on all k samples. ``on_batch``: called with each batch's results as soon
+    as they are graded (``sdzero eval`` appends them to its resume log).
     """
     if not problems:
         raise ValueError("evaluate: no problems")
@@ -102,7 +105,10 @@ def evaluate(
         generation_s += sampled.generation_s
         grading_s += sampled.grading_s
         tokens += sampled.tokens_generated
-        results.extend(_problem_result(g, options.k) for g in sampled.groups)
+        finished = [_problem_result(g, options.k) for g in sampled.groups]
+        results.extend(finished)
+        if on_batch is not None:
+            on_batch(finished)
     scores = benchmark_scores([r.correct for r in results], options.k, options.pass_at)
     return EvalReport(scores, results, tokens, generation_s, grading_s)
 
@@ -115,4 +121,5 @@ def _problem_result(group: SampledGroup, k: int) -> ProblemResult:
         correct=sum(s.correct for s in samples),
         mean_tokens=sum(len(s.completion.token_ids) for s in samples) / max(1, len(samples)),
         cut_off=sum(s.completion.finish_reason == "length" for s in samples),
+        outcomes=[int(s.correct) for s in samples],
     )

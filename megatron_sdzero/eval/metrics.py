@@ -10,11 +10,20 @@ With n samples of a problem of which c are correct:
 The binomial ratio overflows floats long before n reaches realistic sizes, so it is computed as the
 product 1 - prod_{i = n-c+1}^{n} (1 - k / i) (Chen et al., 2021), which only ever multiplies numbers
 in [0, 1]. A benchmark's score is the mean of its problems' scores.
+
+Its 95 % interval is a percentile bootstrap over problems (:func:`bootstrap_interval`): resample the
+problems with replacement, take the mean of each resample, and report the 2.5th and 97.5th
+percentiles. It reflects which problems the benchmark happens to hold, not only the sampling noise
+of the k draws, and it is seeded, so the same per-problem scores always give the same interval.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+
+import numpy as np
+
+BOOTSTRAP_RESAMPLES = 2000
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -46,3 +55,33 @@ def benchmark_scores(correct: Sequence[int], n: int, ks: Sequence[int]) -> dict[
     for k in ks:
         scores[f"pass@{k}"] = sum(pass_at_k(n, c, k) for c in correct) / len(correct)
     return scores
+
+
+def per_problem_scores(correct: Sequence[int], n: int, ks: Sequence[int]) -> dict[str, list[float]]:
+    """Each problem's avg@n and pass@k (what :func:`benchmark_scores` averages)."""
+    scores = {f"avg@{n}": [avg_at_k(n, c) for c in correct]}
+    for k in ks:
+        scores[f"pass@{k}"] = [pass_at_k(n, c, k) for c in correct]
+    return scores
+
+
+def bootstrap_interval(
+    values: Sequence[float], *, level: float = 0.95, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0
+) -> tuple[float, float]:
+    """Percentile-bootstrap interval of the mean of ``values`` (resampling them with replacement)."""
+    if not values:
+        raise ValueError("bootstrap_interval: no values")
+    if not 0 < level < 1 or resamples < 1:
+        raise ValueError(
+            f"bootstrap_interval: need 0 < level < 1 and resamples >= 1, got {level}, {resamples}"
+        )
+    data = np.asarray(values, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    means = np.empty(resamples)
+    chunk = max(1, (1 << 22) // len(data))  # bounds memory: at most ~4M indices at a time
+    for start in range(0, resamples, chunk):
+        stop = min(resamples, start + chunk)
+        means[start:stop] = data[rng.integers(0, len(data), size=(stop - start, len(data)))].mean(axis=1)
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(means, [tail, 100 - tail])
+    return float(low), float(high)

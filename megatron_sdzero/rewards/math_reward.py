@@ -1,5 +1,8 @@
 """Math reward: r = 1[math-verify says the response's final answer equals the gold answer].
 
+A reasoning-gym reference (a problem from a ``reasoning_gym`` source) is graded by its task's own
+scorer instead (``gym_reward.py``).
+
 math-verify protects itself with ``signal.alarm``, which works only in a main thread and cannot
 interrupt C code. So grading runs in worker processes (``math_worker.py``) that we own: each item
 gets a hard deadline, and a worker that misses it is SIGKILLed and replaced while the others carry
@@ -29,6 +32,7 @@ from megatron_sdzero.rewards.base import (
     require_non_negative,
     require_positive,
 )
+from megatron_sdzero.rewards.gym_reward import grade_gym, is_gym_reference
 
 logger = logging.getLogger(__name__)
 
@@ -166,7 +170,19 @@ class MathReward(Reward):
         with self._batch_lock:  # the pool serves one batch at a time
             if not self._workers:
                 raise RuntimeError("MathReward is closed")
-            return self._grade_with_pool(responses, answers)
+            gym = [is_gym_reference(answer) for answer in answers]
+            if not any(gym):
+                return self._grade_with_pool(responses, answers)
+            max_chars = self.config.max_response_chars
+            results = [
+                grade_gym(cap_response(response, max_chars), answer) if is_gym else None
+                for response, answer, is_gym in zip(responses, answers, gym, strict=True)
+            ]
+            rest = [k for k, is_gym in enumerate(gym) if not is_gym]
+            graded = self._grade_with_pool([responses[k] for k in rest], [answers[k] for k in rest])
+            for k, result in zip(rest, graded, strict=True):
+                results[k] = result
+            return results  # type: ignore[return-value]
 
     def _grade_with_pool(self, responses: list[str], answers: list[Any]) -> list[RewardResult]:
         max_chars = self.config.max_response_chars
