@@ -21,6 +21,7 @@ class Command:
 COMMANDS: dict[str, Command] = {
     "convert": Command("megatron_sdzero.conversion.cli:main", "HF <-> Megatron checkpoint conversion"),
     "srt-collect": Command("megatron_sdzero.srt.collect:main", "Phase 1: sample, grade, revise, keep"),
+    "srt-merge": Command("megatron_sdzero.srt.merge:main", "Phase 1: merge sharded srt-collect runs"),
     "srt-prepare": Command("megatron_sdzero.srt.prepare:main", "Phase 1: clean, dedupe, split SFT stages"),
     "sft": Command("megatron_sdzero.training.sft:main", "Phase 1: two-stage SFT on Megatron (SRT model)"),
     "distill": Command("megatron_sdzero.distill.loop:main", "Phase 2: on-policy self-distillation"),

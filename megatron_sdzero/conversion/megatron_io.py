@@ -118,7 +118,18 @@ def resolve_checkpoint(path: Path) -> tuple[Path, Path]:
         raise CheckpointError(f"{path} has {MODEL_META} but no {TRACKER}")
     if (path.parent / MODEL_META).is_file() and (path / "metadata.json").is_file():
         return path.parent, path
-    raise CheckpointError(f"{path} is not a Megatron checkpoint (no {TRACKER}, no metadata.json)")
+    raise CheckpointError(_not_a_checkpoint(path))
+
+
+def _not_a_checkpoint(path: Path) -> str:
+    if not path.exists():
+        return f"no Megatron checkpoint at {path}: the path does not exist"
+    if (path / "config.json").is_file() and any(path.glob("*.safetensors*")):
+        return (
+            f"{path} is a Hugging Face model directory, not a Megatron checkpoint: convert it first with "
+            f"`sdzero convert hf-to-mcore {path} {path}-mcore` and use {path}-mcore"
+        )
+    return f"{path} is not a Megatron checkpoint (no {TRACKER}, no metadata.json)"
 
 
 # --- per-rank work ---------------------------------------------------------------------------------

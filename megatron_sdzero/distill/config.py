@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from megatron_sdzero.checks import check_student
 from megatron_sdzero.config import ConfigError
 from megatron_sdzero.data.formatting import ControlPhrases, PromptConfig, resolve_phrases
 from megatron_sdzero.data.problems import ProblemSource
@@ -80,7 +81,11 @@ class DistillConfig:
     schedule: DistillSchedule = field(default_factory=DistillSchedule)
 
     def __post_init__(self) -> None:
-        resolve_phrases(self.student.family, self.phrases)  # an unknown family without phrases fails here
+        # An unknown family without phrases fails here; a family or phrases that contradict the student
+        # checkpoint (its model type, the phrases Phase 1 trained with) too.
+        check_student(
+            self.student.checkpoint, self.student.family, resolve_phrases(self.student.family, self.phrases)
+        )
         if self.reward.mode != self.problems.mode:
             raise ConfigError(
                 f"reward.mode: {self.reward.mode!r} does not grade {self.problems.mode!r} problems"

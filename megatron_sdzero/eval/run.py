@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from megatron_sdzero.checks import check_model_path, check_output_dir
 from megatron_sdzero.config import ConfigError, run_config_command, to_dict
 from megatron_sdzero.data.formatting import ChatFormat, PromptConfig
 from megatron_sdzero.data.problems import ProblemSource, load_problems
@@ -71,7 +72,9 @@ def run_eval(config: EvalConfig, engine: Any = None) -> dict[str, Any]:
     started = time.perf_counter()
     problems, load_report = load_problems(config.problems)
     owned = engine is None
+    check_output_dir(config.output.report.parent, "output.report")
     if owned:
+        check_model_path(config.model.path, "model.path")
         engine = build_engine(ModelSource(hf_model_dir(config), config.model.family), config.rollout)
     try:
         with build_reward(config.reward) as grader:
@@ -99,7 +102,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     def run(config: EvalConfig) -> int:
         result = run_eval(config)
         scores = ", ".join(f"{k} {v:.4f}" for k, v in result.items() if k.startswith(("avg@", "pass@")))
-        print(f"sdzero eval: {result['num_problems']} problems, {scores}; report in {config.output.report}")
+        skipped = sum(result["source"]["skipped"].values())
+        malformed = f" ({skipped} malformed rows skipped)" if skipped else ""
+        print(
+            f"sdzero eval: {result['num_problems']} problems{malformed}, {scores}; "
+            f"report in {config.output.report}"
+        )
         return 0
 
     argv = sys.argv[1:] if argv is None else argv

@@ -1,6 +1,6 @@
 """Merge the run directories of sharded ``srt-collect`` jobs into one, without duplicates.
 
-    python -m megatron_sdzero.srt.merge inputs=[runs/srt/shard0,runs/srt/shard1] output_dir=runs/srt/merged
+    sdzero srt-merge inputs=[runs/srt/shard0,runs/srt/shard1] output_dir=runs/srt/merged
 
 Only committed records are read (what each shard's state.json vouches for), so a shard still running
 or killed mid-batch contributes exactly its finished batches. Tuples are keyed by (problem id, init
@@ -138,9 +138,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
 
     argv = sys.argv[1:] if argv is None else argv
-    return run_config_command(
-        "python -m megatron_sdzero.srt.merge", __doc__.split("\n\n")[0], MergeConfig, run, argv
-    )
+    return run_config_command("sdzero srt-merge", __doc__.split("\n\n")[0], MergeConfig, run, argv)
 
 
 if __name__ == "__main__":
