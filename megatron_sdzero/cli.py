@@ -69,6 +69,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"sdzero: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
+    from megatron_sdzero.runtime import quiet
+
+    quiet.configure(None, verbose="--verbose" in rest)
+    quiet.quiet_known_messages(cpu=False)  # before the command's imports warn
     entry = _resolve(COMMANDS[name])
     if entry is None:
         print(f"sdzero {name}: not available in this version yet", file=sys.stderr)

@@ -22,6 +22,7 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 import yaml
 
 from megatron_sdzero.errors import UserError, run_reporting_user_errors
+from megatron_sdzero.runtime import quiet
 
 
 class ConfigError(UserError, ValueError):
@@ -229,6 +230,11 @@ def run_config_command[T](
     parser.add_argument("--config", "-c", help="YAML recipe (see examples/)")
     parser.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
     parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="also show known third-party warnings (always in the run's log)",
+    )
+    parser.add_argument(
         "overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.lr=1e-5"
     )
     args = parser.parse_args(list(argv))
@@ -238,6 +244,7 @@ def run_config_command[T](
         if args.dry_run:
             print(to_yaml(config), end="")
             return 0
+        quiet.configure(getattr(config, "run_dir", None), args.verbose)
         return run(config)
 
     return run_reporting_user_errors(prog, start)

@@ -10,6 +10,7 @@ import shutil
 import time
 from pathlib import Path
 
+from megatron_sdzero.checks import PHRASES_FILE
 from megatron_sdzero.conversion.hf_io import HFWeights, copy_assets
 from megatron_sdzero.conversion.megatron_io import (
     TRACKER,
@@ -116,6 +117,8 @@ def mcore_to_hf(
         )
         if (root / "hf").is_dir():
             copy_assets(root / "hf", tmp)
+        if (root / PHRASES_FILE).is_file():  # the SRT model's control phrases travel with its export
+            shutil.copy2(root / PHRASES_FILE, tmp / PHRASES_FILE)
         write_hf_config(meta.hf_config, tmp, dtype or meta.params_dtype)
         publish(tmp, dst)
     except BaseException:

@@ -49,6 +49,10 @@ class EvalConfig:
                 f"reward.mode: {self.reward.mode!r} does not grade {self.problems.mode!r} problems"
             )
 
+    @property
+    def run_dir(self) -> Path:
+        return self.output.report.parent
+
 
 def is_megatron_checkpoint(path: Path) -> bool:
     from megatron_sdzero.conversion.megatron_io import MODEL_META, TRACKER

@@ -26,6 +26,7 @@ from megatron_sdzero.data.formatting import ChatFormat, resolve_phrases
 from megatron_sdzero.data.problems import LoadReport, Problem, load_problems
 from megatron_sdzero.rewards import build_reward
 from megatron_sdzero.rollout.base import build_engine
+from megatron_sdzero.runtime.progress import progress_bar
 from megatron_sdzero.srt.collector import CollectConfig, Collector, Grader
 from megatron_sdzero.srt.config import SRTConfig, run_identity
 from megatron_sdzero.srt.store import CollectionStore, Counters
@@ -71,7 +72,13 @@ def _collector(config: SRTConfig, engine: Any, grader: Grader | None) -> Iterato
 def run_batches(
     collector: Collector, store: CollectionStore, todo: list[Problem], cfg: CollectConfig
 ) -> None:
-    bar = tqdm(total=cfg.target, initial=store.counters.tuples_kept, unit="tuple", disable=not cfg.progress)
+    bar = progress_bar(
+        total=cfg.target,
+        initial=store.counters.tuples_kept,
+        unit="tuple",
+        desc="srt-collect",
+        enabled=cfg.progress,
+    )
     with bar:
         for batch in batches(todo, cfg.batch_size):
             out = collector.run_batch(batch)

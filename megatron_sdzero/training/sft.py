@@ -73,6 +73,10 @@ class SFTConfig:
             if not getattr(self.data, f"stage{stage}"):
                 raise ConfigError(f"data.stage{stage}: the stage {stage} JSONL file is required")
 
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir)
+
 
 def stage_dir(config: SFTConfig, stage: int) -> Path:
     return Path(config.output_dir) / f"stage{stage}"
