@@ -26,6 +26,7 @@ COMMANDS: dict[str, Command] = {
     "sft": Command("megatron_sdzero.training.sft:main", "Phase 1: two-stage SFT on Megatron (SRT model)"),
     "distill": Command("megatron_sdzero.distill.loop:main", "Phase 2: on-policy self-distillation"),
     "eval": Command("megatron_sdzero.eval.run:main", "avg@k / pass@k evaluation"),
+    "report": Command("megatron_sdzero.report:main", "PNG plots of a run (loss, reward, eval, time, tokens)"),
     "demo": Command("megatron_sdzero.demo:main", "both phases end to end on a tiny model (CPU)"),
 }
 
