@@ -266,3 +266,42 @@ def test_read_only_directory_is_refused_even_when_the_check_runs_as_root(tmp_pat
     monkeypatch.setattr(checks.os, "access", lambda path, mode: False)
     with pytest.raises(ConfigError, match=f"out: {tmp_path} is not writable"):
         checks.check_output_dir(tmp_path / "new", "out")
+
+
+@pytest.mark.parametrize(
+    "family, model_type, ok",
+    [
+        ("qwen3", "qwen3", True),
+        ("qwen", "qwen3", True),
+        ("qwen2.5", "qwen2", True),
+        ("Qwen3", "qwen3", True),
+        ("olmo3", "olmo3", True),
+        ("qwen3", "qwen2", False),
+        ("olmo3", "llama", False),
+        ("qwen", "llama", False),
+    ],
+)
+def test_family_matches_model_type(family, model_type, ok):
+    from megatron_sdzero.checks import check_family
+    from megatron_sdzero.config import ConfigError
+
+    if ok:
+        check_family(family, model_type, "student.family", "ckpt")
+    else:
+        with pytest.raises(ConfigError, match=f"student.family: '{family}' does not match ckpt"):
+            check_family(family, model_type, "student.family", "ckpt")
+
+
+def test_phrases_of_srt_records():
+    from megatron_sdzero.checks import phrases_of_records
+    from megatron_sdzero.config import ConfigError
+
+    records = [
+        {"init_correct": True, "phrase": "Rephrase."},
+        {"init_correct": False, "phrase": "Wrong."},
+        {"init_correct": False, "phrase": "Wrong."},
+    ]
+    assert phrases_of_records(records, "s2") == ControlPhrases(correct="Rephrase.", incorrect="Wrong.")
+    assert phrases_of_records(records[1:], "s2") == ControlPhrases(correct=None, incorrect="Wrong.")
+    with pytest.raises(ConfigError, match=r"s2: incorrect initial responses use several phrases"):
+        phrases_of_records([*records, {"init_correct": False, "phrase": "Nope."}], "s2")
