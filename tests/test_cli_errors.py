@@ -20,6 +20,16 @@ from megatron_sdzero.srt.config import SRTConfig, run_identity
 ARITHMETIC = ["problems.arithmetic.n=4", "problems.mode=math"]
 
 
+@pytest.fixture(autouse=True)
+def _no_run_log_leaks(monkeypatch):
+    """A command that got as far as naming its run directory points SDZERO_LOG_FILE at it: undo that."""
+    from megatron_sdzero.runtime import quiet
+
+    for name in (quiet.LOG_FILE_ENV, quiet.VERBOSE_ENV):
+        monkeypatch.setenv(name, "")  # recorded, so teardown restores the value before the test
+        monkeypatch.delenv(name)
+
+
 def _fail(capsys, *argv: str) -> str:
     """Run the CLI in-process; assert exit status 2, no traceback, exactly one stderr line; return it."""
     status = cli.main(list(argv))

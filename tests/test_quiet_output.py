@@ -14,8 +14,9 @@ from megatron_sdzero.runtime import quiet
 
 @pytest.fixture
 def routed(monkeypatch, tmp_path):
-    monkeypatch.delenv(quiet.LOG_FILE_ENV, raising=False)
-    monkeypatch.delenv(quiet.VERBOSE_ENV, raising=False)
+    for name in (quiet.LOG_FILE_ENV, quiet.VERBOSE_ENV):
+        monkeypatch.setenv(name, "")  # recorded, so teardown restores the value before the test
+        monkeypatch.delenv(name)
     monkeypatch.setattr(quiet, "_pending", [])
     # pytest records warnings itself; stand in for Python's default printer of everything else.
     to_stderr = lambda m, c, f, n, file=None, line=None: sys.stderr.write(warnings.formatwarning(m, c, f, n))
@@ -30,6 +31,7 @@ def routed(monkeypatch, tmp_path):
 def test_known_warnings_reach_the_log_file_not_the_console(routed, capsys):
     warnings.warn("Transformer Engine and Apex are not installed. Falling back", UserWarning, stacklevel=1)
     quiet.configure(routed, verbose=False)  # the run directory is known only after the import-time warning
+    routed.mkdir()  # ... and created by the run, not by the log
     warnings.warn("`past_key_values` is deprecated and will be removed", FutureWarning, stacklevel=1)
     logging.getLogger("megatron.core.models.gpt.gpt_model").warning("GPTModel IS DEPRECATED, use ...")
     warnings.warn("something new and unexpected", UserWarning, stacklevel=1)
@@ -44,15 +46,22 @@ def test_known_warnings_reach_the_log_file_not_the_console(routed, capsys):
 
 
 def test_verbose_shows_them_on_the_console_too(routed, capsys):
+    routed.mkdir()
     quiet.configure(routed, verbose=True)
     warnings.warn("Apex is not installed.", UserWarning, stacklevel=1)
     assert "Apex is not installed" in capsys.readouterr().err
     assert "Apex is not installed" in (routed / quiet.LOG_NAME).read_text()
 
 
-def test_nothing_is_written_before_a_run_directory_is_known(routed, capsys):
+def test_a_start_that_never_creates_its_run_directory_leaves_nothing(routed, capsys):
     warnings.warn("absl.logging is not installed.", UserWarning, stacklevel=1)
+    quiet.configure(routed, verbose=False)
+    warnings.warn("Apex is not installed.", UserWarning, stacklevel=1)
+    quiet._flush()  # what exit does
     assert not routed.exists() and capsys.readouterr().err == ""
+    routed.mkdir()
+    quiet._flush()
+    assert "absl.logging" in (routed / quiet.LOG_NAME).read_text()
 
 
 class _Terminal(io.StringIO):

@@ -4,11 +4,13 @@ Only exact, known messages are routed (Megatron deprecations for APIs we use on 
 fallback notices, torch and transformers deprecation notices); anything else still shows. With
 ``--verbose`` (``SDZERO_VERBOSE=1``) they show on the console too. The log file is
 ``SDZERO_LOG_FILE`` (set by :func:`configure` from the run directory, inherited by every rank the
-command starts); messages routed before it is known (at import time) are kept and written then.
+command starts); messages are kept in memory until the run has created its directory (a failed
+start leaves nothing behind) and written at the next message or at exit.
 """
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import re
@@ -54,9 +56,7 @@ def configure(run_dir: str | Path | None, verbose: bool) -> None:
             print(text, end="", file=sys.stderr)
     if run_dir is not None:
         os.environ[LOG_FILE_ENV] = str(Path(run_dir) / LOG_NAME)
-        pending, _pending[:] = list(_pending), []
-        for text in pending:
-            _to_log_file(text)
+        _flush()
 
 
 def is_known_warning(message: str) -> bool:
@@ -68,16 +68,20 @@ def _verbose() -> bool:
 
 
 def _to_log_file(text: str) -> None:
-    text = text if text.endswith("\n") else text + "\n"
+    if len(_pending) < _MAX_PENDING:
+        _pending.append(text if text.endswith("\n") else text + "\n")
+    _flush()
+
+
+def _flush() -> None:
+    """Write what is pending once the run directory exists (the run creates it, never the log)."""
     path = os.environ.get(LOG_FILE_ENV)
-    if not path:
-        if len(_pending) < _MAX_PENDING:
-            _pending.append(text)
+    if not path or not _pending or not Path(path).parent.is_dir():
         return
     try:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
         with open(path, "a") as log:
-            log.write(text)
+            log.writelines(_pending)
+        _pending.clear()
     except OSError:  # the log is a courtesy; never fail a run over it
         pass
 
@@ -107,6 +111,7 @@ def quiet_known_messages(cpu: bool) -> None:
     global _installed
     if not _installed:
         _installed = True
+        atexit.register(_flush)
         for name, prefix in _LOG_MESSAGES:
             logging.getLogger(name).addFilter(_RouteMessage(prefix))
         warnings.showwarning = _showwarning
