@@ -32,8 +32,6 @@ from megatron_sdzero.srt.store import open_committed, read_jsonl, write_json_ato
 def prepare(config: SRTConfig) -> dict[str, Any]:
     inputs, output_dir = resolve_paths(config)
     raw = list(read_tuples(inputs))  # bad inputs fail before the tokenizer is loaded
-    if not raw:
-        raise ConfigError(f"prepare.inputs: {', '.join(map(str, inputs))} hold no committed tuples")
     check_output_dir(output_dir, "prepare.output_dir")
     cleaner = Cleaner(load_format(config.model.path), config.prepare.cleaning)
     cleaned = [record for record in map(cleaner.clean, raw) if record is not None]

@@ -291,17 +291,32 @@ def _write_run_config(config: SFTConfig) -> None:
 
 
 def _record_phrases(stage: Stage) -> None:
-    """Stage 2 teaches the control phrases: keep them with the SRT checkpoint for Phase 2 to check."""
-    if stage.number != 2 or dist.get_rank() != 0:
+    """Stage 2 teaches the control phrases: keep them with the SRT checkpoint for Phase 2 to check.
+
+    Every rank reads them (a conflict fails everywhere alike); rank 0 writes phrases.json.
+    """
+    if stage.number != 2:
         return
     records = [r for r in _jsonl_records(stage.data_path) if "phrase" in r and "init_correct" in r]
     if records:
-        write_phrases(stage.run_dir, phrases_of_records(records, str(stage.data_path)))
+        phrases = phrases_of_records(records, str(stage.data_path))
+        if dist.get_rank() == 0:
+            write_phrases(stage.run_dir, phrases)
 
 
 def _jsonl_records(path: Path) -> list[dict]:
+    records = []
     with path.open() as lines:
-        return [json.loads(line) for line in lines if line.strip()]
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ConfigError(f"{path}:{number}: not valid JSON ({err}); fix that line") from None
+            if isinstance(record, dict):
+                records.append(record)
+    return records
 
 
 def _mark_finished(stage: Stage, result: LoopResult, seconds: float) -> None:
