@@ -39,6 +39,11 @@ _KNOWN_WARNINGS = (
     "`past_key_values` is deprecated",  # transformers cache deprecation, raised inside its own generate
     "No device id is provided via `init_process_group` or `barrier`",
     "TypedStorage is deprecated",
+    "full scope is deprecated. Use empty cuda_graph_modules",  # Megatron's TransformerConfig default
+    "MimoModelConfig is experimental",  # printed when megatron.core imports its models
+    "Please use DTensor instead and we are deprecating ShardedTensor",  # torch, via dist_checkpointing
+    "torch.distributed is disabled, unavailable or uninitialized, assuming the intent is to",  # conversion
+    "The argument order of load has been changed",  # torch.distributed.checkpoint's notice
 )
 _KNOWN = re.compile("|".join(re.escape(m) for m in _KNOWN_WARNINGS))
 
