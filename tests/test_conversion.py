@@ -54,7 +54,10 @@ def test_round_trip_bf16_and_export_loads_in_transformers(tiny_hf_models, tmp_pa
     save_file(tensors, bf16 / "model.safetensors", metadata={"format": "pt"})
 
     hf_to_mcore(bf16, tmp_path / "mc", tp=2, pp=1)
+    phrases = '{"correct": "Rephrase.", "incorrect": "Wrong."}\n'
+    (tmp_path / "mc" / "phrases.json").write_text(phrases)  # as sdzero sft records them for an SRT model
     mcore_to_hf(tmp_path / "mc", tmp_path / "back")
+    assert (tmp_path / "back" / "phrases.json").read_text() == phrases  # they travel with the export
     _assert_bit_exact(bf16, tmp_path / "back")
     assert json.loads((tmp_path / "back" / "config.json").read_text())["torch_dtype"] == "bfloat16"
 
