@@ -21,6 +21,7 @@ class Command:
 COMMANDS: dict[str, Command] = {
     "convert": Command("megatron_sdzero.conversion.cli:main", "HF <-> Megatron checkpoint conversion"),
     "srt-collect": Command("megatron_sdzero.srt.collect:main", "Phase 1: sample, grade, revise, keep"),
+    "srt-merge": Command("megatron_sdzero.srt.merge:main", "Phase 1: merge sharded srt-collect runs"),
     "srt-prepare": Command("megatron_sdzero.srt.prepare:main", "Phase 1: clean, dedupe, split SFT stages"),
     "sft": Command("megatron_sdzero.training.sft:main", "Phase 1: two-stage SFT on Megatron (SRT model)"),
     "distill": Command("megatron_sdzero.distill.loop:main", "Phase 2: on-policy self-distillation"),
@@ -31,6 +32,7 @@ COMMANDS: dict[str, Command] = {
     "split-openr1": Command(
         "megatron_sdzero.data.split:main", "a held-out OpenR1-Math split, disjoint from training"
     ),
+    "report": Command("megatron_sdzero.report:main", "PNG plots of a run (loss, reward, eval, time, tokens)"),
     "demo": Command("megatron_sdzero.demo:main", "both phases end to end on a tiny model (CPU)"),
 }
 
@@ -74,6 +76,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"sdzero: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
+    from megatron_sdzero.runtime import quiet
+
+    quiet.configure(None, verbose="--verbose" in rest)
+    quiet.quiet_known_messages(cpu=False)  # before the command's imports warn
     entry = _resolve(COMMANDS[name])
     if entry is None:
         print(f"sdzero {name}: not available in this version yet", file=sys.stderr)

@@ -21,8 +21,11 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 import yaml
 
+from megatron_sdzero.errors import UserError, run_reporting_user_errors
+from megatron_sdzero.runtime import quiet
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A config value or key is wrong; the message names the dotted key."""
 
 
@@ -35,11 +38,44 @@ def from_dict[T](cls: type[T], values: dict[str, Any] | None, *, prefix: str = "
     if unknown:
         where = prefix.rstrip(".") or cls.__name__
         raise ConfigError(f"unknown key(s) {unknown} in {where}; valid keys: {sorted(fields)}")
+    values = {name: _over_field_default(fields[name], value) for name, value in values.items()}
     kwargs = {name: _coerce(hints[name], value, f"{prefix}{name}") for name, value in values.items()}
+    missing = [name for name, f in fields.items() if name not in kwargs and _is_required(f)]
+    where = prefix.rstrip(".") or cls.__name__
+    if missing:
+        keys = ", ".join(f"{prefix}{name}" for name in missing)
+        raise ConfigError(f"{keys}: required in {where} but not set (add it to the recipe or as {keys}=...)")
     try:
         return cls(**kwargs)
-    except TypeError as err:  # a required field without a value
-        raise ConfigError(f"{prefix.rstrip('.') or cls.__name__}: {err}") from err
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as err:  # a component's own check in __post_init__
+        raise ConfigError(f"{where}: {err}") from err
+
+
+def _over_field_default(f: dataclasses.Field, value: Any) -> Any:
+    """A section's values laid over the field's own default (e.g. distill's reference train settings),
+    not over the section class's defaults."""
+    if not isinstance(value, dict) or f.default_factory is dataclasses.MISSING:
+        return value
+    default = f.default_factory()
+    if not dataclasses.is_dataclass(default):
+        return value
+    return _deep_merge(to_dict(default), value)
+
+
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _is_required(f: dataclasses.Field) -> bool:
+    return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
 
 
 def _coerce(hint: Any, value: Any, key: str) -> Any:
@@ -132,7 +168,12 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key, sep, raw = text.partition("=")
     if not sep or not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override {text!r} is not of the form dotted.key=value")
-    return key.split("."), yaml.safe_load(raw) if raw != "" else ""
+    if raw == "":
+        return key.split("."), ""
+    try:
+        return key.split("."), yaml.safe_load(raw)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {text!r}: the value is not valid YAML ({_yaml_problem(err)})") from None
 
 
 def apply_overrides(values: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
@@ -153,10 +194,23 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
-    values = yaml.safe_load(path.read_text()) or {}
+    try:
+        values = yaml.safe_load(path.read_bytes().decode("utf-8")) or {}
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"config file {path} is not UTF-8 (byte {err.start}); save it as UTF-8") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        raise ConfigError(f"{where}: YAML syntax error: {_yaml_problem(err)}; fix the recipe there") from None
     if not isinstance(values, dict):
         raise ConfigError(f"config file {path} must hold a mapping at the top level")
     return values
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    problem = getattr(err, "problem", None)
+    context = getattr(err, "context", None)
+    return " ".join(part for part in (context, problem) if part) or str(err).splitlines()[0]
 
 
 def load_config[T](cls: type[T], path: str | Path | None = None, overrides: Sequence[str] = ()) -> T:
@@ -174,19 +228,29 @@ def run_config_command[T](
 ) -> int:
     """The shared front of every config-driven command: --config, overrides, --dry-run.
 
-    ``preset``: overrides the command itself applies after the recipe, before the user's own."""
+    ``preset``: overrides the command itself applies after the recipe, before the user's own.
+    A user error (a bad value, a missing file, a malformed row, ...) ends the command with one line
+    on stderr and exit status 2 (see :mod:`megatron_sdzero.errors`).
+    """
     parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--config", "-c", help="YAML recipe (see examples/)")
     parser.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
     parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="also show known third-party warnings (always in the run's log)",
+    )
+    parser.add_argument(
         "overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.lr=1e-5"
     )
     args = parser.parse_args(list(argv))
-    try:
+
+    def start() -> int | None:
         config = load_config(config_cls, args.config, [*preset, *args.overrides])
-    except ConfigError as err:
-        parser.error(str(err))
-    if args.dry_run:
-        print(to_yaml(config), end="")
-        return 0
-    return int(run(config) or 0)
+        if args.dry_run:
+            print(to_yaml(config), end="")
+            return 0
+        quiet.configure(getattr(config, "run_dir", None), args.verbose)
+        return run(config)
+
+    return run_reporting_user_errors(prog, start)

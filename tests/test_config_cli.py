@@ -99,3 +99,39 @@ def test_unknown_command_is_an_error():
 def test_every_recipe_in_examples_is_valid_yaml():
     for recipe in Path(__file__).parents[1].glob("examples/*.yaml"):
         assert isinstance(yaml.safe_load(recipe.read_text()), dict), recipe
+
+
+@dataclass
+class WithSectionDefault:
+    optim: Optim = field(default_factory=lambda: Optim(lr=3e-4, schedule="constant"))
+
+
+def test_a_section_override_keeps_the_fields_own_default():
+    config = from_dict(WithSectionDefault, {"optim": {"betas": [0.8, 0.9]}})
+    assert config.optim == Optim(lr=3e-4, betas=[0.8, 0.9], schedule="constant")
+
+
+@dataclass
+class Checked:
+    n: int = 1
+
+    def __post_init__(self) -> None:
+        if self.n < 1:
+            raise ValueError(f"n must be >= 1, got {self.n}")
+
+
+@dataclass
+class HoldsChecked:
+    part: Checked = field(default_factory=Checked)
+
+
+def test_a_components_own_value_error_becomes_a_config_error_naming_the_section():
+    with pytest.raises(ConfigError, match=r"^part: n must be >= 1, got 0$"):
+        from_dict(HoldsChecked, {"part": {"n": 0}})
+
+
+def test_yaml_syntax_error_names_the_file_and_line(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("name: a\noptim: {lr: 1\n")
+    with pytest.raises(ConfigError, match=rf"^{recipe}:3:1: YAML syntax error"):
+        load_config(Run, recipe)

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from megatron_sdzero.conversion.convert import hf_to_mcore, mcore_to_hf
+from megatron_sdzero.conversion.convert import ConversionError, hf_to_mcore, mcore_to_hf
 from megatron_sdzero.conversion.hf_io import CheckpointError
 from megatron_sdzero.models.architecture import UnsupportedModelError
 
@@ -54,7 +54,10 @@ def test_round_trip_bf16_and_export_loads_in_transformers(tiny_hf_models, tmp_pa
     save_file(tensors, bf16 / "model.safetensors", metadata={"format": "pt"})
 
     hf_to_mcore(bf16, tmp_path / "mc", tp=2, pp=1)
+    phrases = '{"correct": "Rephrase.", "incorrect": "Wrong."}\n'
+    (tmp_path / "mc" / "phrases.json").write_text(phrases)  # as sdzero sft records them for an SRT model
     mcore_to_hf(tmp_path / "mc", tmp_path / "back")
+    assert (tmp_path / "back" / "phrases.json").read_text() == phrases  # they travel with the export
     _assert_bit_exact(bf16, tmp_path / "back")
     assert json.loads((tmp_path / "back" / "config.json").read_text())["torch_dtype"] == "bfloat16"
 
@@ -147,8 +150,8 @@ def test_non_empty_destination_is_refused(tiny_hf_models, tmp_path):
     dst.mkdir()
     (dst / "keep.txt").write_text("user data")
     done = _sdzero("convert", "hf-to-mcore", str(tiny_hf_models["llama_tied"]), str(dst))
-    assert done.returncode == 1
-    assert "exists and is not empty" in done.stderr
+    assert done.returncode == 2
+    assert "exists and is not empty" in done.stderr and "Traceback" not in done.stderr
     assert (dst / "keep.txt").read_text() == "user data"
 
 
@@ -160,6 +163,8 @@ def test_mcore_to_hf_rejects_a_directory_that_is_not_a_checkpoint(tmp_path):
 
 
 def test_tp_that_does_not_divide_query_groups_fails_before_writing(tiny_hf_models, tmp_path):
-    with pytest.raises(Exception, match="num_query_groups=2 is not divisible by tp=4"):
+    with pytest.raises(
+        ConversionError, match=r"--tp 4 does not divide the model's 2 KV heads; use one of \[1, 2\]"
+    ):
         hf_to_mcore(tiny_hf_models["llama_tied"], tmp_path / "out", tp=4)
     assert not (tmp_path / "out").exists()

@@ -55,7 +55,7 @@ def test_malformed_rows_are_an_error_or_a_counted_skip(tmp_path: Path) -> None:
         {"problem": " ", "answer": "1"},
     ]
     path = _jsonl(tmp_path / "bad.jsonl", rows)
-    with pytest.raises(ProblemFormatError, match=r"bad.jsonl: row 3: missing answer"):
+    with pytest.raises(ProblemFormatError, match=r"bad.jsonl:4: missing answer"):
         load_problems(ProblemSource(path=path))
     problems, report = load_problems(ProblemSource(path=path, strict=False))
     assert len(problems) == 3 and report.rows == 8

@@ -72,7 +72,11 @@ def _fake_bin(tmp_path: Path) -> Path:
         tool = bin_dir / name
         tool.write_text(
             f"#!{sys.executable}\nimport json, sys\n"
-            f"open({str(tmp_path / name)!r} + '.calls', 'a').write(json.dumps(sys.argv[1:]) + '\\n')\n"
+            "import os\n"
+            "extra = ['CUDA_VISIBLE_DEVICES=' + os.environ['CUDA_VISIBLE_DEVICES']] "
+            "if 'CUDA_VISIBLE_DEVICES' in os.environ else []\n"
+            f"log = open({str(tmp_path / name)!r} + '.calls', 'a')\n"
+            "log.write(json.dumps(sys.argv[1:] + extra) + '\\n')\n"
         )
         tool.chmod(tool.stat().st_mode | stat.S_IEXEC)
     return bin_dir
@@ -97,7 +101,7 @@ def _run_script(tmp_path: Path, args: list[str], **env: str) -> None:
     assert result.returncode == 0, result.stderr
 
 
-def test_array_tasks_collect_their_shard_with_tensor_parallelism(tmp_path: Path) -> None:
+def test_array_tasks_run_one_engine_per_gpu_each_on_its_own_shard(tmp_path: Path) -> None:
     recipe = str(ROOT / "examples" / "srt_qwen3_4b_math.yaml")
     out = tmp_path / "out"
     slurm = {
@@ -105,32 +109,61 @@ def test_array_tasks_collect_their_shard_with_tensor_parallelism(tmp_path: Path)
         "SLURM_ARRAY_TASK_MIN": "4",
         "SLURM_ARRAY_JOB_ID": "77",
         "SLURM_GPUS_ON_NODE": "8",
+        "CUDA_VISIBLE_DEVICES": "8,9,10,11,12,13,14,15",  # what Slurm hands the task
     }
     _run_script(tmp_path, [recipe, f"collect.output_dir={out}"], SLURM_ARRAY_TASK_ID="5", **slurm)
-    (collect,) = _calls(tmp_path, "sdzero")
-    assert collect[:3] == ["srt-collect", "--config", recipe]
-    for override in (
-        "collect.shard_index=1",
-        "collect.num_shards=3",
-        "collect.target=2000",
-        f"collect.output_dir={out}/shard_1_of_3",
-        "rollout.tensor_parallel_size=8",
-        "rollout.engine=vllm",
-    ):
-        assert override in collect
-    assert collect.index(f"collect.output_dir={out}/shard_1_of_3") > collect.index(
-        f"collect.output_dir={out}"
-    )
+    calls = _calls(tmp_path, "sdzero")
+    assert len(calls) == 8  # one engine per GPU, 3 tasks x 8 = 24 shards, task 1 holds 8..15
+    by_shard = {next(a for a in c if a.startswith("collect.shard_index=")): c for c in calls}
+    assert sorted(by_shard) == sorted(f"collect.shard_index={i}" for i in range(8, 16))
+    for index in range(8, 16):
+        collect = by_shard[f"collect.shard_index={index}"]
+        assert collect[:3] == ["srt-collect", "--config", recipe]
+        for override in (
+            "collect.num_shards=24",
+            "collect.target=250",  # ceil(6000 / 24)
+            f"collect.output_dir={out}/shard_{index}_of_24",
+            "rollout.tensor_parallel_size=1",
+            "rollout.engine=vllm",
+        ):
+            assert override in collect
+        assert collect.index(f"collect.output_dir={out}/shard_{index}_of_24") > collect.index(
+            f"collect.output_dir={out}"
+        )
+        engine = index - 8
+        assert f"CUDA_VISIBLE_DEVICES={8 + engine}" in collect  # the engine's own GPU of the task's
     assert _calls(tmp_path, "sbatch") == []  # only the first task submits the merge
 
+    (tmp_path / "sdzero.calls").unlink()
     _run_script(
         tmp_path, [recipe, f"collect.output_dir={out}"], SLURM_ARRAY_TASK_ID="4", SDZERO_TP="2", **slurm
     )
-    assert "rollout.tensor_parallel_size=2" in _calls(tmp_path, "sdzero")[-1]
+    calls = _calls(tmp_path, "sdzero")
+    assert len(calls) == 4 and all("rollout.tensor_parallel_size=2" in c for c in calls)
+    devices = {next(a for a in c if a.startswith("CUDA_VISIBLE_DEVICES=")) for c in calls}
+    assert devices == {f"CUDA_VISIBLE_DEVICES={a},{a + 1}" for a in (8, 10, 12, 14)}
     (submit,) = _calls(tmp_path, "sbatch")
     assert "--dependency=afterany:77" in submit
     wrap = next(a for a in submit if a.startswith("--wrap="))
-    assert f"{SBATCH} --merge 3 {recipe} collect.output_dir={out}" in wrap
+    assert f"{SBATCH} --merge 12 {recipe} collect.output_dir={out}" in wrap
+
+
+def test_tp_that_does_not_divide_the_gpus_is_refused(tmp_path: Path) -> None:
+    env = {
+        **os.environ,
+        "PATH": f"{_fake_bin(tmp_path)}:{os.environ['PATH']}",
+        "SDZERO_PYTHON": sys.executable,
+    }
+    recipe = str(ROOT / "examples" / "srt_qwen3_4b_math.yaml")
+    done = subprocess.run(
+        ["bash", str(SBATCH), recipe],
+        cwd=tmp_path,
+        env={**env, "SLURM_SUBMIT_DIR": str(ROOT), "SLURM_GPUS_ON_NODE": "8", "SDZERO_TP": "3"},
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 2 and "SDZERO_TP=3 does not divide the node's 8 GPUs" in done.stderr
+    assert _calls(tmp_path, "sdzero") == []
 
 
 def _shard(directory: Path, index: int, count: int) -> None:

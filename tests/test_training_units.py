@@ -215,7 +215,14 @@ def test_step_logger_line_and_metrics(tmp_path, capsys) -> None:
         world_size=8,
         train_iters=4,
     )
-    result = StepResult(loss=1.25, num_tokens=900, grad_norm=0.5, skipped=False, lr=5e-6, logs={"loss": 1.25})
+    result = StepResult(
+        loss=0.004546,
+        num_tokens=900,
+        grad_norm=0.5,
+        skipped=False,
+        lr=5e-6,
+        logs={"loss": 0.004546, "kl": 0.0123},
+    )
     for iteration in (1, 2):
         logger.log(
             iteration,
@@ -237,7 +244,8 @@ def test_step_logger_line_and_metrics(tmp_path, capsys) -> None:
         "TFLOP/s/GPU:",
         "MFU:",
         "learning rate: 5.000000E-06",
-        "loss: 1.250000E+00",
+        "loss: 0.004546 |",
+        "kl: 0.0123 |",
         "grad norm: 0.500",
         "skipped iterations:   0",
     ]
@@ -246,6 +254,8 @@ def test_step_logger_line_and_metrics(tmp_path, capsys) -> None:
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     expected_tflops = QWEN3_4B.step_flops([4096] * 8) / 2.0 / 8 / 1e12
     assert [r["iteration"] for r in records] == [1, 2]
+    printed_loss = float(lines[0].split("loss: ")[1].split(" |")[0])
+    assert printed_loss == records[1]["loss"]  # one unit in both places
     assert records[1]["tflops_per_gpu"] == pytest.approx(expected_tflops)
     assert records[1]["mfu"] == pytest.approx(expected_tflops / 989.0)
 

@@ -3,13 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Sequence
 
-from megatron_sdzero.conversion.hf_io import CheckpointError
-from megatron_sdzero.models.architecture import UnsupportedModelError
-
-EXPECTED_ERRORS = (CheckpointError, UnsupportedModelError, FileExistsError, FileNotFoundError, ValueError)
+from megatron_sdzero.errors import run_reporting_user_errors
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -42,26 +38,26 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+def _convert(args: argparse.Namespace) -> int:
     from megatron_sdzero.conversion.convert import hf_to_mcore, mcore_to_hf
 
-    try:
-        if args.direction == "hf-to-mcore":
-            hf_to_mcore(
-                args.src,
-                args.dst,
-                tp=args.tp,
-                pp=args.pp,
-                params_dtype=args.dtype,
-                make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
-                overwrite=args.overwrite,
-            )
-        else:
-            mcore_to_hf(
-                args.src, args.dst, dtype=args.dtype, max_shard_gb=args.max_shard_gb, overwrite=args.overwrite
-            )
-    except EXPECTED_ERRORS as err:
-        print(f"sdzero convert: error: {err}", file=sys.stderr)
-        return 1
+    if args.direction == "hf-to-mcore":
+        hf_to_mcore(
+            args.src,
+            args.dst,
+            tp=args.tp,
+            pp=args.pp,
+            params_dtype=args.dtype,
+            make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
+            overwrite=args.overwrite,
+        )
+    else:
+        mcore_to_hf(
+            args.src, args.dst, dtype=args.dtype, max_shard_gb=args.max_shard_gb, overwrite=args.overwrite
+        )
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    return run_reporting_user_errors("sdzero convert", _convert, args)

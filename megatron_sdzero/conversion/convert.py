@@ -10,6 +10,7 @@ import shutil
 import time
 from pathlib import Path
 
+from megatron_sdzero.checks import PHRASES_FILE
 from megatron_sdzero.conversion.hf_io import HFWeights, copy_assets
 from megatron_sdzero.conversion.megatron_io import (
     TRACKER,
@@ -24,9 +25,28 @@ from megatron_sdzero.conversion.megatron_io import (
     validate_hf_checkpoint,
     write_hf_config,
 )
+from megatron_sdzero.errors import UserError
 from megatron_sdzero.models.architecture import architecture_from_hf, read_hf_config
 from megatron_sdzero.models.builder import DTYPES, padded_vocab_size
 from megatron_sdzero.runtime.launch import run_on_ranks
+
+
+class ConversionError(UserError, ValueError):
+    """A conversion's options do not fit the checkpoint (the message says which and why)."""
+
+
+def check_layout(arch, tp: int, pp: int) -> None:
+    """The tensor/pipeline split must cut heads, query groups and layers evenly."""
+    if tp < 1 or pp < 1:
+        raise ConversionError(f"--tp and --pp must be >= 1, got --tp {tp} --pp {pp}")
+    if arch.num_layers < pp:
+        raise ConversionError(f"--pp {pp} is larger than the number of layers ({arch.num_layers})")
+    for name, count in (("attention heads", arch.num_attention_heads), ("KV heads", arch.num_query_groups)):
+        if count % tp:
+            divisors = [d for d in range(1, count + 1) if count % d == 0]
+            raise ConversionError(
+                f"--tp {tp} does not divide the model's {count} {name}; use one of {divisors}"
+            )
 
 
 def hf_to_mcore(
@@ -43,14 +63,13 @@ def hf_to_mcore(
     check_destination(dst, overwrite)
     hf_config = read_hf_config(src)
     arch = architecture_from_hf(hf_config)
-    if arch.num_layers < pp:
-        raise ValueError(f"pp={pp} is larger than the number of layers ({arch.num_layers})")
+    check_layout(arch, tp, pp)
     padded_vocab_size(arch.vocab_size, make_vocab_size_divisible_by, tp)  # fails early on a bad tp
     weights = HFWeights(src)
     validate_hf_checkpoint(src, arch, weights)
     dtype = params_dtype or hf_dtype_name(arch, weights)
     if dtype not in DTYPES:
-        raise ValueError(f"params_dtype {dtype!r} is not one of {sorted(DTYPES)}")
+        raise ConversionError(f"params_dtype {dtype!r} is not one of {sorted(DTYPES)}")
     meta = ModelMeta(hf_config, dtype, make_vocab_size_divisible_by, source=str(src.resolve()))
     tmp = staging_dir(dst)
     try:
@@ -89,7 +108,7 @@ def mcore_to_hf(
         raise FileNotFoundError(f"checkpoint directory {ckpt_dir} does not exist")
     meta = ModelMeta.read(root)
     if dtype is not None and dtype not in DTYPES:
-        raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
+        raise ConversionError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
     tmp = staging_dir(dst)
     try:
         start = time.perf_counter()
@@ -98,6 +117,8 @@ def mcore_to_hf(
         )
         if (root / "hf").is_dir():
             copy_assets(root / "hf", tmp)
+        if (root / PHRASES_FILE).is_file():  # the SRT model's control phrases travel with its export
+            shutil.copy2(root / PHRASES_FILE, tmp / PHRASES_FILE)
         write_hf_config(meta.hf_config, tmp, dtype or meta.params_dtype)
         publish(tmp, dst)
     except BaseException:

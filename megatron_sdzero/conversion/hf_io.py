@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+from megatron_sdzero.errors import UserError
+
 # Files that travel with the weights: config, tokenizer and chat template, generation defaults.
 HF_ASSET_FILES = (
     "config.json",
@@ -25,8 +27,8 @@ HF_ASSET_FILES = (
 )
 
 
-class CheckpointError(RuntimeError):
-    pass
+class CheckpointError(UserError, RuntimeError):
+    """A checkpoint directory is missing, of the wrong kind, or unreadable."""
 
 
 class HFWeights:

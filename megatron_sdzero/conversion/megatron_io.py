@@ -35,6 +35,7 @@ from megatron_sdzero.conversion.weight_maps import (
 )
 from megatron_sdzero.models.architecture import DecoderArchitecture, architecture_from_hf
 from megatron_sdzero.models.builder import DTYPES, ModelConfig, build_gpt_model, padded_vocab_size
+from megatron_sdzero.runtime.progress import progress_bar
 
 TRACKER = "latest_checkpointed_iteration.txt"
 MODEL_META = "sdzero_model.json"
@@ -118,7 +119,18 @@ def resolve_checkpoint(path: Path) -> tuple[Path, Path]:
         raise CheckpointError(f"{path} has {MODEL_META} but no {TRACKER}")
     if (path.parent / MODEL_META).is_file() and (path / "metadata.json").is_file():
         return path.parent, path
-    raise CheckpointError(f"{path} is not a Megatron checkpoint (no {TRACKER}, no metadata.json)")
+    raise CheckpointError(_not_a_checkpoint(path))
+
+
+def _not_a_checkpoint(path: Path) -> str:
+    if not path.exists():
+        return f"no Megatron checkpoint at {path}: the path does not exist"
+    if (path / "config.json").is_file() and any(path.glob("*.safetensors*")):
+        return (
+            f"{path} is a Hugging Face model directory, not a Megatron checkpoint: convert it first with "
+            f"`sdzero convert hf-to-mcore {path} {path}-mcore` and use {path}-mcore"
+        )
+    return f"{path} is not a Megatron checkpoint (no {TRACKER}, no metadata.json)"
 
 
 # --- per-rank work ---------------------------------------------------------------------------------
@@ -168,7 +180,10 @@ def _fill_from_hf(model, meta: ModelMeta, weights: HFWeights) -> None:
     rules = rules_by_mcore_name(arch, parallel_state.get_pipeline_model_parallel_world_size())
     state = model.state_dict()
     dtype = DTYPES[meta.params_dtype]
-    for local_name, target in state.items():
+    tensors = progress_bar(
+        state.items(), rank=torch.distributed.get_rank(), total=len(state), desc="hf-to-mcore", unit="tensor"
+    )
+    for local_name, target in tensors:
         if local_name.endswith("_extra_state"):
             continue
         name = global_param_name(local_name, model)
@@ -251,7 +266,8 @@ def mcore_to_hf_rank(
         out_dtype = DTYPES[dtype] if dtype else None
 
         def tensors():
-            for rule in expand_layers(rules_for(arch), arch.num_layers):
+            rules = expand_layers(rules_for(arch), arch.num_layers)
+            for rule in progress_bar(rules, rank=0, desc="mcore-to-hf", unit="tensor"):
                 for name, tensor in zip(rule.hf, to_hf(rule.kind, state[rule.mcore], arch), strict=True):
                     yield name, tensor.to(out_dtype) if out_dtype else tensor
 

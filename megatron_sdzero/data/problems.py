@@ -24,6 +24,7 @@ from typing import Any, Literal
 from megatron_sdzero.config import ConfigError
 from megatron_sdzero.data.benchmarks import ADAPTERS, BUILTINS, ProblemFiltered, builtin_rows
 from megatron_sdzero.data.reasoning_gym import ReasoningGymSpec
+from megatron_sdzero.errors import UserError
 
 Mode = Literal["math", "code", "instruct"]  # instruct: free text with verifiable instructions (IFEval)
 
@@ -42,8 +43,8 @@ ANSWER_FIELDS: dict[str, tuple[str, ...]] = {
 SOLUTION_FIELD = "solution"  # a demonstration, when the row has one and it is not the answer field
 
 
-class ProblemFormatError(ValueError):
-    """A row of a problem source is malformed (strict mode)."""
+class ProblemFormatError(UserError, ValueError):
+    """A row of a problem source is malformed (strict mode), or a source holds no problem at all."""
 
 
 @dataclass(frozen=True)
@@ -157,7 +158,10 @@ def load_problems(source: ProblemSource) -> tuple[list[Problem], LoadReport]:
             continue
         except ProblemFormatError as err:
             if source.strict:
-                raise ProblemFormatError(f"{report.source}: row {index}: {err}") from None
+                raise ProblemFormatError(
+                    f"{_where(source, index)}: {err}; fix the row, or set problems.strict=false to skip "
+                    "malformed rows (they are counted in the run's report)"
+                ) from None
             report.skipped[str(err).split(":")[0]] += 1
             continue
         if problem.id in seen:
@@ -168,6 +172,8 @@ def load_problems(source: ProblemSource) -> tuple[list[Problem], LoadReport]:
         if source.limit is not None and len(problems) >= source.limit:
             break
     report.loaded = len(problems)
+    if not problems:
+        raise ProblemFormatError(_no_problems(report))
     return problems, report
 
 
@@ -181,6 +187,24 @@ def drop_overlap(problems: Sequence[Problem], others: Iterable[Problem | str]) -
     """``problems`` minus those whose normalised statement appears among ``others`` (problems or texts)."""
     seen = {normalised_text_hash(o if isinstance(o, str) else o.text) for o in others}
     return [p for p in problems if normalised_text_hash(p.text) not in seen]
+
+
+def _where(source: ProblemSource, index: int) -> str:
+    """file:line for a JSONL row, the row index otherwise."""
+    if source.path is not None and Path(source.path).suffix == ".jsonl":
+        return f"{source.path}:{index + 1}"
+    return f"{describe(source)}: row {index}"
+
+
+def _no_problems(report: LoadReport) -> str:
+    if not report.rows:
+        return f"{report.source} holds no problems (it is empty); point problems at a file with problems"
+    skipped = sum(report.skipped.values())
+    reasons = ", ".join(f"{n} {reason}" for reason, n in report.skipped.most_common())
+    return (
+        f"{report.source}: none of its {report.rows} rows is a valid problem ({skipped} malformed: "
+        f"{reasons}); check problems.mode and problems.problem_field/answer_field"
+    )
 
 
 def describe(source: ProblemSource) -> str:
@@ -202,7 +226,7 @@ def describe(source: ProblemSource) -> str:
 def parse_row(row: Any, index: int, source: ProblemSource) -> Problem:
     """One row -> Problem; raises ProblemFormatError("<reason>: <detail>") when malformed."""
     if isinstance(row, _BadLine):
-        raise ProblemFormatError(f"invalid json: {row.error}")
+        raise ProblemFormatError(row.error)
     if not isinstance(row, Mapping):
         raise ProblemFormatError(f"not an object: got {type(row).__name__}")
     own_reference = source.reasoning_gym is not None or source.format is not None
@@ -347,7 +371,7 @@ def file_rows(path: Path, strict: bool, split: str) -> Iterator[tuple[int, Any]]
         yield from _jsonl_rows(path, strict)
         return
     if path.suffix == ".json":
-        data = json.loads(path.read_text())
+        data = _read_json(path)
         if not isinstance(data, list):
             raise ProblemFormatError(f"{path}: a .json problem file must hold a list of objects")
         yield from enumerate(data)
@@ -356,23 +380,39 @@ def file_rows(path: Path, strict: bool, split: str) -> Iterator[tuple[int, Any]]
 
 
 class _BadLine:
-    """A JSONL line that did not parse; parse_row reports it as malformed."""
+    """A JSONL line that did not parse; parse_row reports it as malformed ("<reason>: <detail>")."""
 
     def __init__(self, error: str) -> None:
         self.error = error
 
 
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise ProblemFormatError(f"{path}: not UTF-8 text (byte {err.start}); save it as UTF-8") from None
+    except json.JSONDecodeError as err:
+        raise ProblemFormatError(f"{path}:{err.lineno}: invalid JSON ({err.msg}); fix it there") from None
+
+
 def _jsonl_rows(path: Path, strict: bool) -> Iterator[tuple[int, Any]]:
-    with path.open() as f:
-        for index, line in enumerate(f):
-            if not line.strip():
+    with path.open("rb") as f:
+        for index, raw in enumerate(f):
+            if not raw.strip():
                 continue
             try:
-                yield index, json.loads(line)
-            except json.JSONDecodeError as err:
+                yield index, json.loads(raw.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as err:
+                if isinstance(err, UnicodeDecodeError):
+                    reason = f"not utf-8: byte {err.start} of the line"
+                else:
+                    reason = f"invalid json: {err.msg}"
                 if strict:
-                    raise ProblemFormatError(f"{path}: line {index + 1}: invalid JSON: {err}") from None
-                yield index, _BadLine(str(err))
+                    raise ProblemFormatError(
+                        f"{path}:{index + 1}: {reason}; fix the line, or set problems.strict=false to "
+                        "skip malformed rows"
+                    ) from None
+                yield index, _BadLine(reason)
 
 
 def _local_dataset(path: Path, split: str) -> Iterable[Any]:

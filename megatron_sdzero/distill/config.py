@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from megatron_sdzero.algorithms.config import AlgorithmName, BudgetConfig, GRPOConfig, SDFTConfig
+from megatron_sdzero.checks import check_family, check_student, checkpoint_model_type
 from megatron_sdzero.config import ConfigError
 from megatron_sdzero.data.formatting import ControlPhrases, PromptConfig, resolve_phrases
 from megatron_sdzero.data.problems import ProblemSource
@@ -90,7 +91,18 @@ class DistillConfig:
         if self.algorithm not in ("sdzero", "sdft", "grpo"):
             raise ConfigError(f"algorithm: sdzero, sdft or grpo, got {self.algorithm!r}")
         if self.algorithm == "sdzero":
-            resolve_phrases(self.student.family, self.phrases)  # an unknown family without phrases fails
+            # An unknown family without phrases fails here; a family or phrases that contradict the
+            # student checkpoint (its model type, the phrases Phase 1 trained with) too.
+            check_student(
+                self.student.checkpoint,
+                self.student.family,
+                resolve_phrases(self.student.family, self.phrases),
+            )
+        else:  # SDFT and GRPO use no control phrase; the family must still match the checkpoint
+            check_family(
+                self.student.family, checkpoint_model_type(self.student.checkpoint), "student.family",
+                self.student.checkpoint,
+            )  # fmt: skip
         if self.algorithm == "grpo" and self.sampling.n < 2:
             raise ConfigError(
                 f"sampling.n={self.sampling.n}: GRPO's group is the sampling.n responses of a prompt and "

@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from megatron_sdzero.checks import check_model_path, check_output_dir
 from megatron_sdzero.config import ConfigError, run_config_command, to_dict
 from megatron_sdzero.data.formatting import ChatFormat, PromptConfig
 from megatron_sdzero.data.problems import ProblemSource, load_problems
@@ -96,6 +97,10 @@ class EvalConfig:
             return self.output.report.parent
         return Path("outputs/eval") / Path(str(self.model.path)).name
 
+    @property
+    def run_dir(self) -> Path:
+        return self.output.report.parent
+
 
 def is_megatron_checkpoint(path: Path) -> bool:
     from megatron_sdzero.conversion.megatron_io import MODEL_META, TRACKER
@@ -139,6 +144,9 @@ def run_eval(config: EvalConfig, engine: Any = None, progress: Any = None) -> di
     started = time.perf_counter()
     runs = prepare(config)
     directory = config.output_dir
+    check_output_dir(directory, "output.dir")
+    if engine is None:
+        check_model_path(config.model.path, "model.path")
     logs = [
         ResumeLog(directory / f"{run.benchmark.name}.jsonl", run.identity) for run in runs
     ]  # before the engine

@@ -5,7 +5,7 @@ the correct ones too with ``collect.revise_correct``) with the outcome's control
 revisions of each, grade them, and keep every verified-correct (x, y_init, P_r, y_revised). Stop
 once ``collect.target`` tuples are kept. Killed and restarted with the same command, a run resumes
 from its last committed batch (see store.py); ``collect.shard_index/num_shards`` split the problem
-set across array jobs, and ``python -m megatron_sdzero.srt.merge`` combines their outputs.
+set across array jobs, and ``sdzero srt-merge`` combines their outputs.
 
     sdzero srt-collect --config examples/srt_qwen3_4b_math.yaml collect.output_dir=runs/srt
 """
@@ -20,11 +20,13 @@ from typing import Any
 
 from tqdm import tqdm
 
+from megatron_sdzero.checks import check_model_path, check_output_dir
 from megatron_sdzero.config import run_config_command
 from megatron_sdzero.data.formatting import ChatFormat, resolve_phrases
 from megatron_sdzero.data.problems import LoadReport, Problem, load_problems
 from megatron_sdzero.rewards import build_reward
 from megatron_sdzero.rollout.base import build_engine
+from megatron_sdzero.runtime.progress import progress_bar
 from megatron_sdzero.srt.collector import CollectConfig, Collector, Grader
 from megatron_sdzero.srt.config import SRTConfig, run_identity
 from megatron_sdzero.srt.store import CollectionStore, Counters
@@ -34,6 +36,9 @@ def collect(config: SRTConfig, engine: Any = None, grader: Grader | None = None)
     """Run (or resume) a collection and return its summary. engine/grader: injected by tests."""
     problems, report = load_problems(config.problems)
     problems = order_problems(problems, config.collect)
+    check_output_dir(config.collect.output_dir, "collect.output_dir")
+    if engine is None:
+        check_model_path(config.model.path, "model.path")
     with CollectionStore.open(config.collect.output_dir, run_identity(config)) as store:
         todo = [p for p in problems if p.id not in store.done_ids]
         log(_start_line(config, report, len(problems), len(todo), store))
@@ -67,7 +72,13 @@ def open_collector(config: SRTConfig, engine: Any, grader: Grader | None) -> Ite
 def run_batches(
     collector: Collector, store: CollectionStore, todo: list[Problem], cfg: CollectConfig
 ) -> None:
-    bar = tqdm(total=cfg.target, initial=store.counters.tuples_kept, unit="tuple", disable=not cfg.progress)
+    bar = progress_bar(
+        total=cfg.target,
+        initial=store.counters.tuples_kept,
+        unit="tuple",
+        desc="srt-collect",
+        enabled=cfg.progress,
+    )
     with bar:
         for batch in batches(todo, cfg.batch_size):
             out = collector.run_batch(batch)

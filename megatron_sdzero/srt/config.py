@@ -48,6 +48,10 @@ class SRTConfig:
                 f"reward.mode: {self.reward.mode!r} does not grade {self.problems.mode!r} problems"
             )
 
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.collect.output_dir)
+
 
 def run_identity(config: SRTConfig) -> dict[str, Any]:
     """What a restarted collection must repeat: everything that decides which samples are drawn and kept.

@@ -1,6 +1,6 @@
 """Merge the run directories of sharded ``srt-collect`` jobs into one, without duplicates.
 
-    python -m megatron_sdzero.srt.merge inputs=[runs/srt/shard0,runs/srt/shard1] output_dir=runs/srt/merged
+    sdzero srt-merge inputs=[runs/srt/shard0,runs/srt/shard1] output_dir=runs/srt/merged
 
 Only committed records are read (what each shard's state.json vouches for), so a shard still running
 or killed mid-batch contributes exactly its finished batches. Tuples are keyed by (problem id, init
@@ -23,6 +23,7 @@ from typing import Any
 import yaml
 
 from megatron_sdzero.config import ConfigError, run_config_command
+from megatron_sdzero.runtime.quiet import LOG_NAME
 from megatron_sdzero.srt.store import (
     ATTEMPTS,
     CONFIG,
@@ -44,6 +45,10 @@ class MergeConfig:
     inputs: list[Path] = field(default_factory=list)
     output_dir: Path = Path("outputs/srt/merged")
     target: int | None = None  # keep at most this many tuples (shard order, then collection order)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir)
 
 
 def tuple_key(record: dict) -> tuple:
@@ -90,7 +95,7 @@ def _clear_previous_merge(out: Path) -> None:
     """A merge is a pure function of its inputs, so an earlier merge (even a partial one) is rebuilt."""
     if not out.exists():
         return
-    ours = {TUPLES, ATTEMPTS, STATE, CONFIG, SUMMARY, LOCK, f"{STATE}.tmp", f"{SUMMARY}.tmp", "sft"}
+    ours = {TUPLES, ATTEMPTS, STATE, CONFIG, SUMMARY, LOCK, f"{STATE}.tmp", f"{SUMMARY}.tmp", "sft", LOG_NAME}
     foreign = sorted(entry.name for entry in out.iterdir() if entry.name not in ours)
     if foreign:
         raise ConfigError(
@@ -138,9 +143,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
 
     argv = sys.argv[1:] if argv is None else argv
-    return run_config_command(
-        "python -m megatron_sdzero.srt.merge", __doc__.split("\n\n")[0], MergeConfig, run, argv
-    )
+    return run_config_command("sdzero srt-merge", __doc__.split("\n\n")[0], MergeConfig, run, argv)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from megatron_sdzero.checks import check_output_dir
 from megatron_sdzero.config import ConfigError, run_config_command
 from megatron_sdzero.data.formatting import ChatFormat
 from megatron_sdzero.srt.cleaning import Cleaner
@@ -30,8 +31,9 @@ from megatron_sdzero.srt.store import open_committed, read_jsonl, write_json_ato
 
 def prepare(config: SRTConfig) -> dict[str, Any]:
     inputs, output_dir = resolve_paths(config)
+    raw = list(read_tuples(inputs))  # bad inputs fail before the tokenizer is loaded
+    check_output_dir(output_dir, "prepare.output_dir")
     cleaner = Cleaner(load_format(config.model.path), config.prepare.cleaning)
-    raw = list(read_tuples(inputs))
     cleaned = [record for record in map(cleaner.clean, raw) if record is not None]
     unique, duplicates = dedupe(cleaned)
     stage1, stage2 = split_stages(unique, config.prepare.split)

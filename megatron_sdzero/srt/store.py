@@ -2,7 +2,7 @@
 
 A run directory holds::
 
-    config.yaml      the resolved config of the first start (a restart must match it)
+    config.yaml      the resolved config of the first committed batch (a restart must match it)
     tuples.jsonl     kept (x, y_init, P_r, y_revised) tuples        append-only
     attempts.jsonl   every initial response and revision, graded    append-only
     state.json       committed byte sizes of both files, finished problem ids, counters
@@ -13,7 +13,9 @@ A batch is committed in three steps: append its tuples, append its attempts (eac
 flush + fsync), then replace state.json atomically (write a temporary file, fsync, rename). A
 crash anywhere leaves the files at most one partial batch (maybe a torn line) longer than
 state.json says; opening the directory cuts them back to the committed sizes, so the batch is
-redone from scratch and nothing is lost or duplicated.
+redone from scratch and nothing is lost or duplicated. config.yaml is written with the first commit,
+so a start that fails before any batch (a wrong model path, say) does not pin the directory to its
+mistaken settings.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from typing import Any
 import yaml
 
 from megatron_sdzero.config import ConfigError
+from megatron_sdzero.errors import UserError
 
 TUPLES = "tuples.jsonl"
 ATTEMPTS = "attempts.jsonl"
@@ -38,6 +41,10 @@ STATE = "state.json"
 CONFIG = "config.yaml"
 SUMMARY = "summary.json"
 LOCK = ".lock"
+
+
+class StoreError(UserError, RuntimeError):
+    """A collection directory is damaged, not one, or in use by another process."""
 
 
 @dataclass
@@ -97,11 +104,14 @@ class State:
 class CollectionStore:
     """The run directory; ``open`` resumes from the last committed batch."""
 
-    def __init__(self, root: Path, state: State, lock: Any = None) -> None:
+    def __init__(
+        self, root: Path, state: State, lock: Any = None, identity: dict[str, Any] | None = None
+    ) -> None:
         self.root = root
         self.state = state
         self.done_ids = set(state.done_ids)
         self._lock = lock  # held (an open file with an flock) while this process writes the run
+        self._identity = identity  # written to config.yaml with the first commit
 
     @classmethod
     def open(cls, root: str | Path, identity: dict[str, Any]) -> CollectionStore:
@@ -113,7 +123,7 @@ class CollectionStore:
         state = State.read(root / STATE) if (root / STATE).exists() else State()
         _cut_back(root / TUPLES, state.tuples_bytes)
         _cut_back(root / ATTEMPTS, state.attempts_bytes)
-        return cls(root, state, lock)
+        return cls(root, state, lock, identity)
 
     def close(self) -> None:
         """Release the directory lock (a killed process releases it too)."""
@@ -134,6 +144,8 @@ class CollectionStore:
     def commit(
         self, problem_ids: Iterable[str], tuples: list[dict], attempts: list[dict], counters: Counters
     ) -> None:
+        if self._identity is not None and not (self.root / CONFIG).exists():
+            _write_identity(self.root / CONFIG, self._identity)
         tuples_bytes = append_jsonl(self.root / TUPLES, tuples)
         attempts_bytes = append_jsonl(self.root / ATTEMPTS, attempts)
         new_ids = [i for i in problem_ids if i not in self.done_ids]
@@ -159,7 +171,9 @@ def open_committed(root: str | Path) -> CollectionStore:
     """A finished or interrupted run directory, read-only: only what was committed."""
     root = Path(root)
     if not (root / STATE).exists():
-        raise FileNotFoundError(f"{root} is not a collection directory (no {STATE})")
+        raise StoreError(
+            f"{root} is not a collection directory (no {STATE}): give the output_dir of an srt-collect run"
+        )
     return CollectionStore(root, State.read(root / STATE))
 
 
@@ -183,8 +197,11 @@ def read_jsonl(path: Path, limit_bytes: int | None = None) -> Iterator[dict]:
         if line.strip():
             try:
                 yield json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}: line {number} is not valid JSON ({err})") from None
+            except (json.JSONDecodeError, UnicodeDecodeError) as err:
+                raise StoreError(
+                    f"{path}:{number}: a torn or corrupt line ({err}); remove or repair that line "
+                    "(a collection directory is repaired by reopening it with srt-collect)"
+                ) from None
 
 
 def write_json_atomic(path: Path, payload: Any) -> None:
@@ -212,7 +229,9 @@ def _lock(path: Path) -> Any:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         handle.close()
-        raise RuntimeError(f"another process is writing {path.parent} (it holds {path})") from None
+        raise StoreError(
+            f"another process is writing {path.parent} (it holds {path}); wait for it or stop it"
+        ) from None
     except OSError as err:  # a filesystem without flock support: go on unlocked
         warnings.warn(
             f"cannot lock {path} ({err}); make sure only one srt-collect writes there", stacklevel=3
@@ -223,18 +242,24 @@ def _lock(path: Path) -> Any:
 def _cut_back(path: Path, committed: int) -> None:
     size = path.stat().st_size if path.exists() else 0
     if size < committed:
-        raise RuntimeError(f"{path} has {size} bytes but {committed} were committed: it was cut or replaced")
+        raise StoreError(
+            f"{path} has {size} bytes but {committed} were committed: it was cut or replaced; restore it "
+            "or start a new collect.output_dir"
+        )
     if size > committed or not path.exists():
         with path.open("ab") as f:
             f.truncate(committed)
             os.fsync(f.fileno())
 
 
+def _write_identity(path: Path, identity: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(identity, sort_keys=False))
+    os.replace(tmp, path)
+
+
 def _check_identity(path: Path, identity: dict[str, Any]) -> None:
     if not path.exists():
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(yaml.safe_dump(identity, sort_keys=False))
-        os.replace(tmp, path)
         return
     recorded = yaml.safe_load(path.read_text()) or {}
     changed = sorted(_differences(recorded, identity))

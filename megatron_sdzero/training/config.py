@@ -10,6 +10,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
+from megatron_sdzero.config import ConfigError
+
 LrSchedule = Literal["cosine", "constant", "linear"]
 NanPolicy = Literal["skip", "stop"]
 
@@ -56,7 +58,7 @@ class TrainConfig:
     def num_microbatches(self, data_parallel_size: int) -> int:
         per_step = self.micro_batch_size * data_parallel_size
         if self.global_batch_size % per_step:
-            raise ValueError(
+            raise ConfigError(
                 f"train.global_batch_size ({self.global_batch_size}) is not divisible by "
                 f"micro_batch_size x data-parallel size ({self.micro_batch_size} x {data_parallel_size})"
             )

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch.distributed as dist
 
+from megatron_sdzero.runtime.progress import progress_bar
 from megatron_sdzero.training.config import LoggingConfig
 from megatron_sdzero.training.flops import FlopsModel, mfu, tflops_per_gpu
 from megatron_sdzero.training.step import StepResult
@@ -44,6 +45,11 @@ class _Window:
         self.losses.append(loss)
 
 
+def readable(value: float) -> str:
+    """Six significant digits, positional notation from 1e-4 up to 1e6 (``0.004546``, ``4.546``)."""
+    return f"{value:.6g}"
+
+
 def format_step_line(
     iteration: int,
     train_iters: int,
@@ -56,7 +62,11 @@ def format_step_line(
     skipped_total: int,
     extra: dict[str, float],
 ) -> str:
-    """The Megatron-LM step line (same fields and order, plus tokens/s, TFLOP/s and MFU)."""
+    """The Megatron-LM step line (same fields and order, plus tokens/s, TFLOP/s and MFU).
+
+    Losses and the other logged quantities are printed as plain numbers in metrics.jsonl's units
+    (``loss: 0.004546``, not ``4.546000E-03``), so the console and the file read the same.
+    """
     parts = [
         f" iteration {iteration:8d}/{train_iters:8d}",
         f"consumed samples: {consumed_samples:12d}",
@@ -65,8 +75,8 @@ def format_step_line(
         f"TFLOP/s/GPU: {tflops:.2f}",
         f"MFU: {100 * mfu_value:.2f}%",
         f"learning rate: {result.lr:.6E}",
-        f"loss: {result.loss:.6E}",
-        *(f"{name}: {value:.6E}" for name, value in extra.items()),
+        f"loss: {readable(result.loss)}",
+        *(f"{name}: {readable(value)}" for name, value in extra.items()),
         f"grad norm: {result.grad_norm:.3f}",
         f"skipped iterations: {skipped_total:3d}",
     ]
@@ -104,14 +114,8 @@ class StepLogger:
         self.tensorboard = _tensorboard_writer(self.config, self.run_dir)
         self.wandb = _wandb_run(self.config, run_name, run_config)
         if self.config.progress:
-            from tqdm import tqdm
-
-            self.progress = tqdm(
-                total=self.train_iters,
-                initial=start_iteration,
-                desc=run_name or "train",
-                unit="it",
-                dynamic_ncols=True,
+            self.progress = progress_bar(
+                total=self.train_iters, initial=start_iteration, desc=run_name or "train", unit="it", rank=0
             )
 
     def _with_resolved_layers(self, run_config: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -237,8 +241,9 @@ def _tensorboard_writer(config: LoggingConfig, run_dir: Path | None):
         return None
     try:
         from torch.utils.tensorboard import SummaryWriter
-    except ImportError:  # tensorboard is optional
-        print("tensorboard is not installed: no TensorBoard scalars (pip install tensorboard)", flush=True)
+    except ImportError:  # tensorboard is optional: on by default when importable, a note only if asked for
+        if config.tensorboard_dir:
+            print(f"tensorboard is not installed: nothing written to {directory} (pip install tensorboard)")
         return None
     return SummaryWriter(log_dir=str(directory))
 

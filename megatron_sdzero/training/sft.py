@@ -20,6 +20,7 @@ from typing import Any
 
 import torch.distributed as dist
 
+from megatron_sdzero.checks import check_output_dir, phrases_of_records, write_phrases
 from megatron_sdzero.config import ConfigError, run_config_command, to_dict, to_yaml
 from megatron_sdzero.conversion.megatron_io import ModelMeta, resolve_checkpoint
 from megatron_sdzero.models.builder import ModelConfig, padded_vocab_size, use_transformer_engine
@@ -71,6 +72,10 @@ class SFTConfig:
             if not getattr(self.data, f"stage{stage}"):
                 raise ConfigError(f"data.stage{stage}: the stage {stage} JSONL file is required")
 
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir)
+
 
 def stage_dir(config: SFTConfig, stage: int) -> Path:
     return Path(config.output_dir) / f"stage{stage}"
@@ -112,7 +117,7 @@ def load_tokenizer(config: SFTConfig, init_root: Path):
 
     source = Path(config.model.hf_path) if config.model.hf_path else init_root / "hf"
     if not source.is_dir():
-        raise FileNotFoundError(f"no tokenizer at {source}: set model.hf_path to the HF model directory")
+        raise ConfigError(f"model.hf_path: no tokenizer at {source}; set it to the HF model directory")
     return AutoTokenizer.from_pretrained(source)
 
 
@@ -260,11 +265,53 @@ def _setup(arch, model_cfg: ModelConfig, config: SFTConfig, train_iters: int) ->
 # --- the command --------------------------------------------------------------------------------------
 
 
+def check_start(config: SFTConfig) -> Path:
+    """Everything a start needs, checked before anything is written; returns the init checkpoint root."""
+    check_output_dir(config.output_dir, "output_dir")
+    init_root, _ = resolve_checkpoint(Path(config.init))
+    for number in config.stages:
+        data = Path(getattr(config.data, f"stage{number}"))
+        if not data.is_file():
+            raise ConfigError(
+                f"data.stage{number}: {data} does not exist (srt-prepare writes stage{number}.jsonl)"
+            )
+    return init_root
+
+
 def _write_run_config(config: SFTConfig) -> None:
     if dist.get_rank() == 0:
         out = Path(config.output_dir)
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(to_yaml(config))
+
+
+def _record_phrases(stage: Stage) -> None:
+    """Stage 2 teaches the control phrases: keep them with the SRT checkpoint for Phase 2 to check.
+
+    Every rank reads them (a conflict fails everywhere alike); rank 0 writes phrases.json.
+    """
+    if stage.number != 2:
+        return
+    records = [r for r in _jsonl_records(stage.data_path) if "phrase" in r and "init_correct" in r]
+    if records:
+        phrases = phrases_of_records(records, str(stage.data_path))
+        if dist.get_rank() == 0:
+            write_phrases(stage.run_dir, phrases)
+
+
+def _jsonl_records(path: Path) -> list[dict]:
+    records = []
+    with path.open() as lines:
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ConfigError(f"{path}:{number}: not valid JSON ({err}); fix that line") from None
+            if isinstance(record, dict):
+                records.append(record)
+    return records
 
 
 def _mark_finished(stage: Stage, result: LoopResult, seconds: float) -> None:
@@ -286,11 +333,12 @@ def _mark_finished(stage: Stage, result: LoopResult, seconds: float) -> None:
 def run_sft(config: SFTConfig) -> int:
     from megatron_sdzero.runtime.distributed import destroy_model_parallel, init_model_parallel
 
+    init_root = check_start(config)
     init_model_parallel(config.parallel, seed=config.train.seed)
     try:
-        _write_run_config(config)
         start_from = Path(config.init)
-        tokenizer = load_tokenizer(config, resolve_checkpoint(start_from)[0])
+        tokenizer = load_tokenizer(config, init_root)
+        _write_run_config(config)
         for number in config.stages:
             stage = Stage(
                 number, stage_dir(config, number), start_from, Path(getattr(config.data, f"stage{number}"))
@@ -299,6 +347,7 @@ def run_sft(config: SFTConfig) -> int:
                 _log(f"stage {number}: already finished in {stage.run_dir}; skipping")
             else:
                 began = time.perf_counter()
+                _record_phrases(stage)
                 result = run_stage(stage, config, tokenizer)
                 gc.collect()
                 if not result.finished:

@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from megatron_sdzero.config import ConfigError
 from megatron_sdzero.training.packing import MicroBatch, collate, first_fit
 
 Sample = tuple[list[int], list[int]]  # (input_ids, loss_mask)
@@ -63,7 +64,7 @@ class SFTDataset:
 
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"SFT data file {path} does not exist")
+            raise ConfigError(f"SFT data file {path} does not exist; check data.stage1/data.stage2")
         fmt = chat_format(tokenizer)
         samples, stats = [], DatasetStats()
         with path.open() as lines:
@@ -73,13 +74,15 @@ class SFTDataset:
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError as err:
-                    raise ValueError(f"{path}:{number}: not valid JSON ({err})") from err
+                    raise ConfigError(f"{path}:{number}: not valid JSON ({err}); fix that line") from err
                 stats.records += 1
                 sample = _fit(*build_sft_sample(record, tokenizer, fmt), data, stats)
                 if sample is not None:
                     samples.append(sample)
         if not samples:
-            raise ValueError(f"{path} holds no usable SFT sample ({stats})")
+            raise ConfigError(
+                f"{path} holds no usable SFT sample ({stats}); check the file and data.seq_length"
+            )
         return cls(samples, stats, str(path))
 
     def __len__(self) -> int:
