@@ -1,14 +1,15 @@
 #!/usr/bin/env python3
-"""Summarise ``sdzero distill`` runs as a markdown table (the GPU end-to-end run of issue 7).
+"""Summarise on-policy runs (``sdzero distill|sdft|grpo``) as a markdown table, with each run's budget.
 
     python tools/summarize_distill.py --run disk=outputs/distill/smollm2_gpu \\
         --run memory=outputs/distill/smollm2_gpu_memory [--eval outputs/eval/smollm2_gpu/report.json] \\
-        [--json summary.json]
+        [--budget rft=outputs/rft/smollm2_gpu] [--json summary.json]
 
 Per run (a column): the mean over the steps after the first (step 1 pays one-off warm-ups) of the
 step time split, throughput, reward and KL from ``<run>/metrics.jsonl``; the largest engine-vs-trainer
 log-prob difference of the refresh probe over all steps; the in-loop eval avg@k by step from
-``<run>/eval_scores.json``. ``--eval``: an ``sdzero eval`` report (the exported student in vLLM).
+``<run>/eval_scores.json``; what each run spent from ``<run>/budget.json`` (``--budget``: runs with a
+budget but no on-policy steps, e.g. ``sdzero rft``). ``--eval``: an ``sdzero eval`` report.
 """
 
 from __future__ import annotations
@@ -95,6 +96,8 @@ ROWS = (
     Row("kl (mean)", mean_of("kl"), ".4g"),
     Row("kl, first step", at(0, "kl"), ".4g"),
     Row("kl, last step", at(-1, "kl"), ".4g"),
+    Row("pg_loss (mean)", mean_of("pg_loss"), ".4g"),
+    Row("zero_advantage_groups (mean)", mean_of("zero_advantage_groups"), ".2f"),
 )
 
 
@@ -136,10 +139,27 @@ def eval_line(report_path: Path) -> list[str]:
     ]
 
 
-def summarize(runs: dict[str, Path], eval_report: Path | None) -> tuple[str, dict[str, Any]]:
+def budget_lines(runs: dict[str, Path]) -> list[str]:
+    lines = []
+    for name, path in runs.items():
+        if not (path / "budget.json").is_file():
+            continue
+        b = json.loads((path / "budget.json").read_text())
+        seconds = ", ".join(f"{phase} {value:.1f}" for phase, value in sorted(b["gpu_seconds"].items()))
+        lines.append(
+            f"- {name} budget: {b['questions']} questions, {b['total_samples']} samples generated "
+            f"({b['prior_samples']} before the run), {b['samples_trained']} trained on, "
+            f"{b['training_tokens']:,} loss tokens, {b['steps']} steps; GPU-seconds: {seconds}"
+        )
+    return lines
+
+
+def summarize(
+    runs: dict[str, Path], eval_report: Path | None, budgets: dict[str, Path] | None = None
+) -> tuple[str, dict[str, Any]]:
     steps = {name: read_steps(path) for name, path in runs.items()}
     scores = {name: read_scores(path) for name, path in runs.items()}
-    lines = [*table(steps), "", *score_lines(scores)]
+    lines = [*table(steps), "", *score_lines(scores), *budget_lines({**runs, **(budgets or {})})]
     if eval_report is not None:
         lines += eval_line(eval_report)
     data = {
@@ -160,10 +180,11 @@ def parse_run(text: str) -> tuple[str, Path]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", type=parse_run, action="append", required=True, help="NAME=RUN_DIR")
+    parser.add_argument("--budget", type=parse_run, action="append", default=[], help="NAME=RUN_DIR")
     parser.add_argument("--eval", type=Path, help="an sdzero eval report.json")
     parser.add_argument("--json", type=Path, help="also write the numbers here")
     args = parser.parse_args(argv)
-    text, data = summarize(dict(args.run), args.eval)
+    text, data = summarize(dict(args.run), args.eval, dict(args.budget))
     print(text)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
