@@ -51,7 +51,11 @@ run_algorithm() {  # run_algorithm ALGORITHM
       torchrun1 "$algorithm" --config "examples/${algorithm}_smollm2_gpu.yaml" "student.checkpoint=$MCORE" \
         "checkpoint.save=$dir" "${EXTRA[@]}" ;;
     rft)
-      torchrun1 rft --config examples/rft_smollm2_gpu.yaml "sft.init=$MCORE" "output_dir=$dir" "${EXTRA[@]}" ;;
+      # One process, not torchrun: vLLM's engine core runs in its own process while collecting (under
+      # torchrun's environment an in-process engine waits for a process group that never forms),
+      # then the SFT stage initialises its own single-rank group.
+      VLLM_ENABLE_V1_MULTIPROCESSING=1 "$PYTHON" -m megatron_sdzero.cli rft --config examples/rft_smollm2_gpu.yaml \
+        "sft.init=$MCORE" "output_dir=$dir" "${EXTRA[@]}" ;;
   esac
 }
 
@@ -71,15 +75,16 @@ keep() {  # keep PHASE DIR...: the phase's log and its runs' small files into $O
   rm -f "$OUT/$phase.log"
 }
 
-phase() {  # phase NAME: run it, its output teed to $OUT/NAME.log
+phase() {  # phase NAME ARG...: run do_NAME ARG..., its output teed to $OUT/NAME.log
   local name=$1 began=$SECONDS status=0
+  shift
   log "$name: started $(date -u '+%F %T') UTC"
   set +e
   if [[ -n ${OUT:-} ]]; then
-    (set -e; "do_$name") 2>&1 | tee -a "$OUT/$name.log"
+    (set -e; "do_$name" "$@") 2>&1 | tee -a "$OUT/$name.log"
     status=${PIPESTATUS[0]}
   else
-    (set -e; "do_$name")
+    (set -e; "do_$name" "$@")
     status=$?
   fi
   set -e
