@@ -495,7 +495,7 @@ def test_processes_left_behind_die_with_the_run(reward):
 
 
 def test_refuses_to_run_unsandboxed_without_opt_in(monkeypatch):
-    monkeypatch.setattr(sandbox_module, "isolation_unavailable_reason", lambda: "pretend: not root")
+    monkeypatch.setattr(sandbox_module, "select_backend", lambda: (None, "pretend: not root"))
     with pytest.raises(SandboxUnavailableError, match="allow_unsandboxed"):
         open_sandbox(SandboxConfig(), ["/usr/bin/python3"])
     with pytest.raises(SandboxUnavailableError, match="pretend: not root"):
@@ -503,7 +503,7 @@ def test_refuses_to_run_unsandboxed_without_opt_in(monkeypatch):
 
 
 def test_opt_in_runs_unsandboxed_and_says_so(monkeypatch):
-    monkeypatch.setattr(sandbox_module, "isolation_unavailable_reason", lambda: "pretend: not root")
+    monkeypatch.setattr(sandbox_module, "select_backend", lambda: (None, "pretend: not root"))
     config = CodeRewardConfig(
         num_workers=1, languages=("python",), sandbox=SandboxConfig(allow_unsandboxed=True)
     )
