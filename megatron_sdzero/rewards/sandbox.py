@@ -303,6 +303,7 @@ class Sandbox:
                     stderr=subprocess.PIPE,
                     pass_fds=(status_write,),
                     start_new_session=True,
+                    env={},  # the grader's environment (tokens, keys) never enters the sandbox's tree
                 )
             finally:
                 os.close(status_write)
@@ -405,9 +406,10 @@ class SandboxReport:
         return self.isolated and unprivileged and all(checks)
 
     def describe(self) -> str:
+        uid = f"uid {self.uid}" if self.backend != "userns" else "uid 0 of its own user namespace"
         flags = {
             f"namespaces ({self.backend})": self.isolated,
-            f"uid {self.uid}": self.uid != 0 or self.backend == "userns",
+            uid: self.uid != 0 or self.backend == "userns",
             "no capabilities": self.no_capabilities,
             "own pid namespace": self.own_pid_namespace,
             "no network": self.network_isolated,

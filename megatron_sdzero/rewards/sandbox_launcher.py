@@ -71,6 +71,7 @@ CLONE_NEWNET = 0x40000000
 NAMESPACES = CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC | CLONE_NEWPID | CLONE_NEWNET
 
 PR_SET_PDEATHSIG = 1
+PR_SET_DUMPABLE = 4
 PR_CAPBSET_DROP = 24
 PR_SET_SECUREBITS = 28
 PR_SET_NO_NEW_PRIVS = 38
@@ -414,6 +415,9 @@ def _run_init(spec: dict, status_fd: int) -> None:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
         _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        # Not dumpable: a program with init's uid (userns) can neither ptrace it (init keeps its
+        # capabilities) nor read its /proc files; the program's execve makes the program dumpable again.
+        _prctl(PR_SET_DUMPABLE, 0)
         if spec["backend"] != "none":
             build_root(spec)
         program_pid = os.fork()
