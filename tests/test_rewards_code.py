@@ -576,6 +576,8 @@ def test_a_dataset_on_the_host_cannot_be_read_for_the_answer(reward, host_scratc
     assert answer not in output, output
     lines = output.splitlines()
     assert [line.split()[1] for line in lines[: len(datasets)]] == ["denied"] * len(datasets)
+    init_environ = next(line for line in lines if line.startswith("/proc/1/environ"))
+    assert init_environ.split()[1] == "denied"  # init is another uid, or not dumpable (userns)
     visible = set(json.loads(lines[-1].removeprefix("visible ").replace("'", '"')))
     assert visible <= sandbox_module.expected_root_entries(reward.sandbox)
     assert not visible & {"root", "home", "work", "data", "run", "sys", "mnt", "srv", "opt"} - {

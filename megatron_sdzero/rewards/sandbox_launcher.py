@@ -419,6 +419,9 @@ def _run_init(spec: dict, status_fd: int) -> None:
         # capabilities) nor read its /proc files; the program's execve makes the program dumpable again.
         _prctl(PR_SET_DUMPABLE, 0)
         if spec["backend"] != "none":
+            # A session of its own: killpg(0) from a program with the launcher's uid (userns) must
+            # not reach the launcher, whose process group the grader started.
+            os.setsid()
             build_root(spec)
         program_pid = os.fork()
         if program_pid == 0:
