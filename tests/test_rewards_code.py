@@ -814,6 +814,23 @@ def test_refuses_to_run_unsandboxed_without_opt_in(monkeypatch):
         CodeReward(CodeRewardConfig(num_workers=1))
 
 
+def test_an_ordinary_user_without_user_namespaces_gets_a_one_line_reason(monkeypatch, tmp_path):
+    knob = tmp_path / "max_user_namespaces"
+    knob.write_text("0\n")
+    blocker = (str(knob), "0", "user namespaces are disabled (user.max_user_namespaces=0)")
+    monkeypatch.setattr(sandbox_module, "USERNS_BLOCKERS", (blocker,))
+    monkeypatch.setattr(sandbox_module.os, "geteuid", lambda: 1000)
+    assert sandbox_module.select_backend() == (None, f"not root, and {blocker[2]}")
+    with pytest.raises(SandboxUnavailableError) as refused:
+        CodeReward(CodeRewardConfig(num_workers=1, languages=("python",)))
+    message = str(refused.value)
+    assert "\n" not in message
+    assert "not root, and user namespaces are disabled (user.max_user_namespaces=0)" in message
+    assert "allow_unsandboxed=True" in message
+    knob.write_text("15000\n")  # an allowed count: the user-namespace backend is chosen
+    assert sandbox_module.select_backend() == ("userns", None)
+
+
 def test_opt_in_runs_unsandboxed_and_says_so(monkeypatch):
     monkeypatch.setattr(sandbox_module, "select_backend", lambda: (None, "pretend: not root"))
     config = CodeRewardConfig(

@@ -415,8 +415,9 @@ def _run_init(spec: dict, status_fd: int) -> None:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
         _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-        # Not dumpable: a program with init's uid (userns) can neither ptrace it (init keeps its
-        # capabilities) nor read its /proc files; the program's execve makes the program dumpable again.
+        # Not dumpable: a program with init's uid (userns) must not ptrace init, which keeps its
+        # capabilities, nor read its /proc files. The capability check refuses that already; this is a
+        # second lock. The program's execve makes the program itself dumpable again.
         _prctl(PR_SET_DUMPABLE, 0)
         if spec["backend"] != "none":
             # A session of its own: killpg(0) from a program with the launcher's uid (userns) must
