@@ -497,6 +497,22 @@ def test_killing_its_parent_or_the_grader_fails(reward):
     assert_grader_still_works(reward)
 
 
+def test_the_test_input_cannot_be_modified_through_proc(reward):
+    program = """
+        import os, sys
+        try:
+            with open("/proc/self/fd/0", "r+b") as stdin:
+                stdin.write(b"tampered" * 1000)
+            print("wrote")
+        except OSError as error:
+            print("denied", type(error).__name__)
+        sys.stdout.write(sys.stdin.read())
+    """
+    result = run_python(reward, program, stdin="the input\n")
+    assert result.stdout.decode().splitlines() == ["denied PermissionError", "the input"], result.stderr
+    assert_grader_still_works(reward)
+
+
 def test_a_gigabyte_of_output_is_cut_off(reward):
     peak_rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     gigabyte_to = (

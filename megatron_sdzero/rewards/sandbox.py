@@ -610,15 +610,20 @@ def _limits_spec(limits: ResourceLimits, backend: Backend) -> dict[str, int]:
 
 @contextmanager
 def _stdin_file(data: bytes) -> Iterator[int]:
-    """A read-only fd on an unlinked file holding data (no writer thread, no pipe deadlock)."""
-    with tempfile.TemporaryFile() as scratch:
-        scratch.write(data)
-        scratch.flush()
-        read_only = os.open(f"/proc/self/fd/{scratch.fileno()}", os.O_RDONLY | os.O_CLOEXEC)
+    """An fd on a sealed memfd holding data (no writer thread, no pipe deadlock). Sealed, because a
+    program with the grader's uid (userns) could reopen a plain file through /proc/self/fd/0 for
+    writing; the seals forbid any write, growth or shrinking whatever the opener."""
+    fd = os.memfd_create("sdzero-stdin", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     try:
-        yield read_only
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        seals = fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, seals)
+        os.lseek(fd, 0, os.SEEK_SET)
+        yield fd
     finally:
-        os.close(read_only)
+        os.close(fd)
 
 
 def _terminate(process: subprocess.Popen) -> None:
