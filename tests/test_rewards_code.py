@@ -698,6 +698,27 @@ def sysv():
         raise OSError(ctypes.get_errno(), "shmget")
     return 16
 
+def nested_tmpfs():
+    # a user namespace of its own would let the program mount a tmpfs of any size
+    uid, gid = os.getuid(), os.getgid()
+    if libc.unshare(0x10000000 | 0x20000) != 0:  # CLONE_NEWUSER | CLONE_NEWNS
+        raise OSError(ctypes.get_errno(), "unshare")
+    for name, text in (("setgroups", "deny"), ("uid_map", f"0 {uid} 1"), ("gid_map", f"0 {gid} 1")):
+        with open(f"/proc/self/{name}", "w") as file:
+            file.write(text)
+    if libc.mount(b"tmpfs", b"/tmp/work", b"tmpfs", 0, b"size=4g") != 0:
+        raise OSError(ctypes.get_errno(), "mount")
+    return 16 * sum(tmpfs_file("/tmp/work")() == 1 for _ in range(16))
+
+def clone_new_user():
+    pid = libc.syscall(56 if os.uname().machine == "x86_64" else 220, 0x10000000 | 17, 0, 0, 0, 0)
+    if pid == 0:
+        os._exit(0)
+    if pid < 0:
+        raise OSError(ctypes.get_errno(), "clone")
+    os.waitpid(pid, 0)
+    return 0
+
 def tmpfs_file(directory):
     def grab():
         fd = os.open(f"{directory}/{len(keep)}-{os.getpid()}", os.O_CREAT | os.O_RDWR)
@@ -711,7 +732,8 @@ def anonymous():
 
 held, errors = {}, {}
 for name, grab in [("memfd", memfd), ("shared_anonymous", shared_anonymous), ("dev_zero", dev_zero),
-                   ("sysv", sysv), ("dev_shm", tmpfs_file("/dev/shm")), ("tmp", tmpfs_file("/tmp")),
+                   ("sysv", sysv), ("nested_tmpfs", nested_tmpfs), ("clone_new_user", clone_new_user),
+                   ("dev_shm", tmpfs_file("/dev/shm")), ("tmp", tmpfs_file("/tmp")),
                    ("anonymous", anonymous)]:
     held[name] = 0
     for _ in range(4096):
@@ -750,7 +772,7 @@ def bomb_limits(reward: CodeReward) -> ResourceLimits:
 
 def check_one_bomb(report: dict, config: CodeRewardConfig) -> int:
     held = report["held_mb"]
-    for escape in ("memfd", "shared_anonymous", "sysv"):
+    for escape in ("memfd", "shared_anonymous", "sysv", "nested_tmpfs", "clone_new_user"):
         assert (held[escape], report["errors"][escape]) == (0, "PermissionError"), report
     assert (held["dev_zero"], report["errors"]["dev_zero"]) == (0, "FileNotFoundError"), report
     assert config.memory_mb / 2 <= held["anonymous"] <= config.memory_mb, report  # RLIMIT_AS bites

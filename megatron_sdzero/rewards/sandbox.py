@@ -353,6 +353,7 @@ print(json.dumps({
     "session_keyring": libc.syscall(KEYCTL_NR, 0, -3, 0),
     "memfd_denied": denied(lambda: os.memfd_create("probe")),
     "shared_anonymous_denied": denied(lambda: mmap.mmap(-1, 4096)),
+    "new_user_namespace_denied": libc.unshare(0x10000000) != 0 and ctypes.get_errno() == errno.EPERM,
     "rlimits": {name: resource.getrlimit(getattr(resource, name))[1] for name in limits},
 }))
 """
@@ -388,7 +389,8 @@ class SandboxReport:
     fresh_keyring: bool = False
     """The session keyring differs from the grader's."""
     memory_escapes_denied: bool = False
-    """memfd_create and shared anonymous mmap are refused (memory RLIMIT_AS would not count)."""
+    """memfd_create, shared anonymous mmap and new namespaces (a tmpfs of its own) are refused:
+    memory RLIMIT_AS would not count."""
 
     @property
     def fully_protected(self) -> bool:
@@ -475,7 +477,9 @@ def probe(sandbox: Sandbox, python: str) -> SandboxReport:
         no_capabilities=not any(seen["capabilities"].values()),
         allow_listed_view=set(seen["root_entries"]) <= expected_root_entries(sandbox),
         fresh_keyring=seen["session_keyring"] != grader_keyring or grader_keyring < 0,
-        memory_escapes_denied=seen["memfd_denied"] and seen["shared_anonymous_denied"],
+        memory_escapes_denied=all(
+            seen[key] for key in ("memfd_denied", "shared_anonymous_denied", "new_user_namespace_denied")
+        ),
     )
 
 

@@ -100,6 +100,10 @@ ARCHES = {
         "shmget": 29,
         "msgget": 68,
         "io_uring_setup": 425,
+        "unshare": 272,
+        "setns": 308,
+        "clone": 56,
+        "clone3": 435,
     },
     "aarch64": {
         "audit_arch": 0xC00000B7,
@@ -112,13 +116,19 @@ ARCHES = {
         "shmget": 194,
         "msgget": 186,
         "io_uring_setup": 425,
+        "unshare": 97,
+        "setns": 268,
+        "clone": 220,
+        "clone3": 435,
     },
 }
 ARCH = ARCHES.get(platform.machine())
 # Ways to hold memory that no rlimit counts: memfd and SysV segments (their pages outlive any
-# mapping), message queues, io_uring (whose operations seccomp cannot see), and shared anonymous
-# mappings (munmap of all but one page keeps the whole object alive while RLIMIT_AS sees one page).
-DENIED_SYSCALLS = ("memfd_create", "memfd_secret", "shmget", "msgget", "io_uring_setup")
+# mapping), message queues, io_uring (whose operations seccomp cannot see), shared anonymous
+# mappings (munmap of all but one page keeps the whole object alive while RLIMIT_AS sees one page),
+# and new namespaces: in a user namespace of its own a program may mount a tmpfs of any size.
+DENIED_SYSCALLS = ("memfd_create", "memfd_secret", "shmget", "msgget", "io_uring_setup", "unshare", "setns")
+NEW_NAMESPACE_FLAGS = 0x7E020000  # CLONE_NEWNS | NEWCGROUP | NEWUTS | NEWIPC | NEWUSER | NEWPID | NEWNET
 MAP_SHARED_ANONYMOUS = (0x21, 0x23)  # MAP_ANONYMOUS with MAP_SHARED or MAP_SHARED_VALIDATE
 MAP_TYPE_AND_ANONYMOUS = 0x2F
 X32_SYSCALL_BIT = 0x40000000
@@ -338,12 +348,15 @@ def join_fresh_session_keyring() -> None:
 
 
 def seccomp_filter() -> bytes:
-    """A classic BPF program: kill foreign ABIs, EPERM for DENIED_SYSCALLS and shared anonymous mmap."""
+    """A classic BPF program: kill foreign ABIs; EPERM for DENIED_SYSCALLS, for clone with a new
+    namespace and for shared anonymous mmap; ENOSYS for clone3 (its flags are out of the filter's
+    sight; glibc then falls back to clone)."""
     assert ARCH is not None
-    program: list[tuple[int, object, object, int]] = []  # (code, true target, false target, k)
-    load, jeq, jge, and_, ret = 0x20, 0x15, 0x35, 0x54, 0x06
+    program: list[tuple[int, int | str, int | str, int]] = []  # (code, true target, false target, k)
+    labels: dict[str, int] = {}
+    load, jeq, jge, jset, and_, ret = 0x20, 0x15, 0x35, 0x45, 0x54, 0x06
 
-    def emit(code: int, k: int, true: object = 0, false: object = 0) -> None:
+    def emit(code: int, k: int, true: int | str = 0, false: int | str = 0) -> None:
         program.append((code, true, false, k))
 
     emit(load, 4)  # seccomp_data.arch
@@ -354,14 +367,23 @@ def seccomp_filter() -> bytes:
         emit(jge, X32_SYSCALL_BIT, "deny", 0)
     for name in DENIED_SYSCALLS:
         emit(jeq, ARCH[name], "deny", 0)
-    emit(jeq, ARCH["mmap"], 0, "allow")
-    emit(load, 16 + 3 * 8)  # low half of args[3], the flags (little-endian)
+    emit(jeq, ARCH["clone3"], "no_such_call", 0)
+    emit(jeq, ARCH["clone"], "clone", 0)
+    emit(jeq, ARCH["mmap"], "mmap", "allow")
+    labels["clone"] = len(program)
+    emit(load, 16)  # low half of args[0], the clone flags (little-endian)
+    emit(jset, NEW_NAMESPACE_FLAGS, "deny", "allow")
+    labels["mmap"] = len(program)
+    emit(load, 16 + 3 * 8)  # low half of args[3], the mmap flags
     emit(and_, MAP_TYPE_AND_ANONYMOUS)
     for flags in MAP_SHARED_ANONYMOUS:
         emit(jeq, flags, "deny", 0)
-    labels = {"allow": len(program), "deny": len(program) + 1}
+    labels["allow"] = len(program)
     emit(ret, 0x7FFF0000)  # SECCOMP_RET_ALLOW
+    labels["deny"] = len(program)
     emit(ret, 0x00050000 | 1)  # SECCOMP_RET_ERRNO | EPERM
+    labels["no_such_call"] = len(program)
+    emit(ret, 0x00050000 | 38)  # SECCOMP_RET_ERRNO | ENOSYS
     resolve = lambda at, target: labels[target] - at - 1 if isinstance(target, str) else target
     return b"".join(
         struct.pack("HBBI", code, resolve(at, true), resolve(at, false), k)
