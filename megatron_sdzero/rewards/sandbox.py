@@ -387,7 +387,7 @@ class SandboxReport:
     allow_listed_view: bool = False
     """The root directory holds only the allow-listed entries."""
     fresh_keyring: bool = False
-    """The session keyring differs from the grader's."""
+    """The session keyring is not the grader's (or, as the filter ensures, key calls are refused)."""
     memory_escapes_denied: bool = False
     """memfd_create, shared anonymous mmap and new namespaces (a tmpfs of its own) are refused:
     memory RLIMIT_AS would not count."""

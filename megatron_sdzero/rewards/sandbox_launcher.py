@@ -94,6 +94,7 @@ ARCHES = {
         "pivot_root": 155,
         "keyctl": 250,
         "add_key": 248,
+        "request_key": 249,
         "mmap": 9,
         "memfd_create": 319,
         "memfd_secret": 447,
@@ -110,6 +111,7 @@ ARCHES = {
         "pivot_root": 41,
         "keyctl": 219,
         "add_key": 217,
+        "request_key": 218,
         "mmap": 222,
         "memfd_create": 279,
         "memfd_secret": 447,
@@ -127,7 +129,20 @@ ARCH = ARCHES.get(platform.machine())
 # mapping), message queues, io_uring (whose operations seccomp cannot see), shared anonymous
 # mappings (munmap of all but one page keeps the whole object alive while RLIMIT_AS sees one page),
 # and new namespaces: in a user namespace of its own a program may mount a tmpfs of any size.
-DENIED_SYSCALLS = ("memfd_create", "memfd_secret", "shmget", "msgget", "io_uring_setup", "unshare", "setns")
+# Also the key calls (after the launcher joined a fresh keyring): with the grader's uid (userns) a
+# program could read a key the grader made user-readable, or fill the uid's key quota.
+DENIED_SYSCALLS = (
+    "memfd_create",
+    "memfd_secret",
+    "shmget",
+    "msgget",
+    "io_uring_setup",
+    "unshare",
+    "setns",
+    "add_key",
+    "request_key",
+    "keyctl",
+)
 NEW_NAMESPACE_FLAGS = 0x7E020000  # CLONE_NEWNS | NEWCGROUP | NEWUTS | NEWIPC | NEWUSER | NEWPID | NEWNET
 MAP_SHARED_ANONYMOUS = (0x21, 0x23)  # MAP_ANONYMOUS with MAP_SHARED or MAP_SHARED_VALIDATE
 MAP_TYPE_AND_ANONYMOUS = 0x2F
