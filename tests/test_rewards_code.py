@@ -62,8 +62,12 @@ needs_sandbox = pytest.mark.skipif(
 )
 
 
-@pytest.fixture(scope="module")
-def reward():
+# As an ordinary user with bubblewrap installed, every test taking `reward` runs on both backends.
+BACKENDS = ["auto"] + (["bwrap"] if os.geteuid() != 0 and sandbox_module.bubblewrap() else [])
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def reward(request):
     if NO_SANDBOX_REASON is not None:
         pytest.skip(f"no sandbox here: {NO_SANDBOX_REASON}")
     config = CodeRewardConfig(
@@ -71,6 +75,7 @@ def reward():
         test_timeout_s=TEST_TIMEOUT_S,
         max_processes=MAX_PROCESSES,
         max_output_bytes=MAX_OUTPUT_BYTES,
+        sandbox=SandboxConfig(backend=request.param),
     )
     with CodeReward(config) as code_reward:
         yield code_reward
@@ -149,13 +154,14 @@ def test_whitespace_normalised_comparison():
 def test_the_sandbox_reports_every_protection_active(reward):
     report = reward.sandbox_report
     assert report.fully_protected, report.describe()
-    assert report.backend == ("root" if os.geteuid() == 0 else "userns")
+    expected = reward.config.sandbox.backend
+    assert report.backend == (("root" if os.geteuid() == 0 else "userns") if expected == "auto" else expected)
     if report.backend == "root":
         assert report.uid >= reward.config.sandbox.uid_base
         assert report.rlimits["RLIMIT_NPROC"] == 8  # probe limits; test runs get max_processes
-    else:  # the launcher and init share the program's uid there
-        assert report.uid == 0
-        assert report.rlimits["RLIMIT_NPROC"] == 8 + sandbox_launcher.USERNS_EXTRA_PROCESSES
+    else:  # init (and the launcher or bwrap's init) share the program's uid there
+        assert report.uid == (0 if report.backend == "userns" else os.getuid())
+        assert report.rlimits["RLIMIT_NPROC"] == 8 + sandbox_launcher.EXTRA_PROCESSES[report.backend]
     # the grader's own interpreter is usable even when it lives under a 0700 home directory
     assert report.python == os.path.realpath(sys.executable)
     assert reward.toolchains["python"].run_argv[0] == report.python
@@ -845,7 +851,7 @@ def test_eight_concurrent_runs_each_stay_within_the_bound(small_memory_reward):
 
 
 def test_refuses_to_run_unsandboxed_without_opt_in(monkeypatch):
-    monkeypatch.setattr(sandbox_module, "select_backend", lambda: (None, "pretend: not root"))
+    monkeypatch.setattr(sandbox_module, "select_backend", lambda _: (None, "pretend: not root"))
     with pytest.raises(SandboxUnavailableError, match="allow_unsandboxed"):
         open_sandbox(SandboxConfig(), ["/usr/bin/python3"])
     with pytest.raises(SandboxUnavailableError, match="pretend: not root"):
@@ -858,19 +864,23 @@ def test_an_ordinary_user_without_user_namespaces_gets_a_one_line_reason(monkeyp
     blocker = (str(knob), "0", "user namespaces are disabled (user.max_user_namespaces=0)")
     monkeypatch.setattr(sandbox_module, "USERNS_BLOCKERS", (blocker,))
     monkeypatch.setattr(sandbox_module.os, "geteuid", lambda: 1000)
-    assert sandbox_module.select_backend() == (None, f"not root, and {blocker[2]}")
+    monkeypatch.setattr(sandbox_module, "bubblewrap", lambda: None)
+    reason = f"not root, {blocker[2]} and bubblewrap (bwrap) is not installed"
+    assert sandbox_module.select_backend() == (None, reason)
     with pytest.raises(SandboxUnavailableError) as refused:
         CodeReward(CodeRewardConfig(num_workers=1, languages=("python",)))
     message = str(refused.value)
     assert "\n" not in message
-    assert "not root, and user namespaces are disabled (user.max_user_namespaces=0)" in message
+    assert reason in message
     assert "allow_unsandboxed=True" in message
+    monkeypatch.setattr(sandbox_module, "bubblewrap", lambda: "/usr/bin/bwrap")
+    assert sandbox_module.select_backend() == ("bwrap", None)  # bubblewrap may still work
     knob.write_text("15000\n")  # an allowed count: the user-namespace backend is chosen
     assert sandbox_module.select_backend() == ("userns", None)
 
 
 def test_opt_in_runs_unsandboxed_and_says_so(monkeypatch):
-    monkeypatch.setattr(sandbox_module, "select_backend", lambda: (None, "pretend: not root"))
+    monkeypatch.setattr(sandbox_module, "select_backend", lambda _: (None, "pretend: not root"))
     config = CodeRewardConfig(
         num_workers=1, languages=("python",), sandbox=SandboxConfig(allow_unsandboxed=True)
     )

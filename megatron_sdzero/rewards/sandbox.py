@@ -44,7 +44,8 @@ logger = logging.getLogger(__name__)
 
 LAUNCHER = Path(sandbox_launcher.__file__)
 SANDBOX_WORKDIR = sandbox_launcher.SANDBOX_WORKDIR
-Backend = Literal["root", "userns", "none"]
+Backend = Literal["root", "userns", "bwrap", "none"]
+BACKEND_CHOICES = ("auto", "root", "userns", "bwrap")
 STDERR_KEPT_BYTES = 16 * 1024
 PROGRAM_ENV = {
     "PATH": "/usr/local/bin:/usr/bin:/bin",
@@ -72,6 +73,9 @@ class SandboxRunError(RuntimeError):
 class SandboxConfig:
     allow_unsandboxed: bool = False
     """Run programs without namespaces when isolation is impossible (trusted code only)."""
+    backend: str = "auto"
+    """auto: root as root, else an unprivileged user namespace, else bubblewrap; or name one of
+    root, userns, bwrap."""
     read_only_paths: tuple[str, ...] = ()
     """Host paths shown read-only inside, besides the system directories and the interpreters'
     prefixes (e.g. a compiler installed outside /usr). Never a data directory."""
@@ -194,21 +198,40 @@ NO_ISOLATION_HINT = (
 )
 
 
-def select_backend() -> tuple[Backend | None, str | None]:
+def select_backend(preferred: str = "auto") -> tuple[Backend | None, str | None]:
     """The namespace backend this host should support, or (None, why not); checked without running."""
+    if preferred not in BACKEND_CHOICES:
+        return None, f"sandbox.backend: {preferred!r}; choose from {list(BACKEND_CHOICES)}"
     if not sys.platform.startswith("linux"):
         return None, f"namespaces need Linux, this is {sys.platform}"
     if sandbox_launcher.ARCH is None:
         return None, f"the sandbox supports x86_64 and aarch64, this is {platform.machine()}"
-    if os.geteuid() == 0:
+    root = os.geteuid() == 0
+    if preferred in ("auto", "root") and root:
         return "root", None
+    if preferred == "root" or (preferred != "auto" and root):
+        return None, f"the {preferred} backend is for {'root' if preferred == 'root' else 'ordinary users'}"
+    blocker = _userns_blocker() if preferred in ("auto", "userns") else None
+    if preferred == "userns" or (preferred == "auto" and blocker is None):
+        return ("userns", None) if blocker is None else (None, f"not root, and {blocker}")
+    if bubblewrap() is None:
+        reason = f"not root, {blocker} and" if blocker else "not root, and"
+        return None, f"{reason} bubblewrap (bwrap) is not installed"
+    return "bwrap", None
+
+
+def _userns_blocker() -> str | None:
     for path, blocking, reason in USERNS_BLOCKERS:
         try:
             if Path(path).read_text().strip() == blocking:
-                return None, f"not root, and {reason}"
+                return reason
         except OSError:
             continue  # an absent knob does not block
-    return "userns", None
+    return None
+
+
+def bubblewrap() -> str | None:
+    return shutil.which("bwrap")
 
 
 def isolation_unavailable_reason() -> str | None:
@@ -225,12 +248,12 @@ class Sandbox:
     def __init__(
         self, config: SandboxConfig | None = None, backend: Backend | None = None, expose: Sequence[str] = ()
     ) -> None:
-        """backend: None picks "root" or "userns" for this host; "none" runs without namespaces.
+        """backend: None picks one for this host and ``config.backend``; "none" runs without namespaces.
         expose: host directories (interpreters' prefixes) shown read-only inside, besides the system
         allow-list and ``config.read_only_paths``; each is shown alone, its parents stay hidden."""
         self.config = config or SandboxConfig()
         if backend is None:
-            backend, reason = select_backend()
+            backend, reason = select_backend(self.config.backend)
             if backend is None:
                 raise SandboxUnavailableError(f"cannot sandbox model-written code: {reason}")
         self.backend: Backend = backend
@@ -292,6 +315,7 @@ class Sandbox:
             "status_fd": status_write,
             "parent_pid": os.getpid(),
             "expose": list(self.expose),
+            "bwrap": bubblewrap() if self.backend == "bwrap" else None,
         }
         started = time.monotonic()
         with _stdin_file(stdin) as stdin_file:
@@ -345,7 +369,8 @@ print(json.dumps({
     "uid": os.getuid(),
     "visible_pids": sum(name.isdigit() for name in os.listdir("/proc")),
     "interfaces": [name for _, name in socket.if_nameindex()],
-    "loopback_unreachable": connect_errno() == errno.ENETUNREACH,
+    # the namespace's own lo: down (ENETUNREACH), or up with nothing listening (bwrap)
+    "loopback_unreachable": connect_errno() in (errno.ENETUNREACH, errno.ECONNREFUSED),
     "read_only_root": bool(os.statvfs("/").f_flag & os.ST_RDONLY),
     "root_entries": sorted(os.listdir("/")),
     "tmp_entries": sorted(os.listdir("/tmp")),
@@ -491,12 +516,17 @@ def open_sandbox(
     Raises ``SandboxUnavailableError`` if isolation fails and ``allow_unsandboxed`` is not set, and
     ``ProbeExecError`` if no candidate interpreter can run inside the sandbox.
     """
-    backend, reason = select_backend()
+    backend, reason = select_backend(config.backend)
     if backend is not None:
         try:
             return _probe_first_working(config, backend, python_candidates, expose)
         except SandboxUnavailableError as error:
-            reason = f"{'not root, and ' if backend == 'userns' else ''}{error}"
+            reason = f"{'not root, and ' if backend != 'root' else ''}{error}"
+        if backend == "userns" and config.backend == "auto" and bubblewrap() is not None:
+            try:  # e.g. AppArmor lets only bwrap create user namespaces
+                return _probe_first_working(config, "bwrap", python_candidates, expose)
+            except SandboxUnavailableError as error:
+                reason = f"{reason}; bubblewrap failed too: {error}"
     if not config.allow_unsandboxed:
         raise SandboxUnavailableError(f"cannot sandbox model-written code: {reason}; {NO_ISOLATION_HINT}.")
     logger.warning("running model-written code WITHOUT a sandbox (allow_unsandboxed=True): %s", reason)
@@ -601,7 +631,7 @@ def _build_result(collected: _Collected, wall_s: float) -> SandboxResult:
 
 def _limits_spec(limits: ResourceLimits, backend: Backend) -> dict[str, int]:
     # in a user namespace the launcher and init count towards the program's RLIMIT_NPROC
-    extra = sandbox_launcher.USERNS_EXTRA_PROCESSES if backend == "userns" else 0
+    extra = sandbox_launcher.EXTRA_PROCESSES[backend]
     return {
         "cpu_s": limits.cpu_time_s,
         "address_space_bytes": limits.memory_mb << 20,

@@ -13,8 +13,10 @@ Process layout::
 Backends: ``"root"`` (the grader is root: the program runs as a throwaway uid from a pool),
 ``"userns"`` (an ordinary user: a new user namespace maps the grader's uid to 0 inside, so init may
 mount; the program keeps that uid but loses every capability and the bounding set, with
-``SECBIT_NOROOT`` locked, so its uid 0 grants nothing) and ``"none"`` (the explicit opt-in for hosts
-without namespaces: rlimits, seccomp, a fresh keyring and the uid drop when root, nothing else).
+``SECBIT_NOROOT`` locked, so its uid 0 grants nothing), ``"bwrap"`` (an ordinary user where only
+bubblewrap may create user namespaces, e.g. under AppArmor's restriction: bwrap builds the
+namespaces and the same view, and this file runs inside it as init) and ``"none"`` (the explicit
+opt-in for hosts without namespaces: rlimits, seccomp, a fresh keyring and the uid drop when root).
 
 The launcher forwards SIGTERM as SIGKILL to init. When init exits the kernel kills every process
 left in the pid namespace, so nothing the program started can outlive the run. One JSON line per
@@ -172,7 +174,8 @@ SYMLINKS = {
     "/var/tmp": "/tmp",
 }
 NEW_ROOT = "/tmp"  # where the new root is assembled (on a fresh tmpfs) before pivot_root
-USERNS_EXTRA_PROCESSES = 2  # launcher and init share the program's uid in its user namespace
+# Processes sharing the program's uid in its user namespace: launcher and init; with bwrap, init only.
+EXTRA_PROCESSES = {"root": 0, "userns": 2, "bwrap": 1, "none": 0}
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
@@ -456,10 +459,11 @@ def _run_init(spec: dict, status_fd: int) -> None:
         # capabilities, nor read its /proc files. The capability check refuses that already; this is a
         # second lock. The program's execve makes the program itself dumpable again.
         _prctl(PR_SET_DUMPABLE, 0)
-        if spec["backend"] != "none":
+        if spec["backend"] != "none" and os.getsid(0) != os.getpid():
             # A session of its own: killpg(0) from a program with the launcher's uid (userns) must
-            # not reach the launcher, whose process group the grader started.
+            # not reach the launcher, whose process group the grader started (bwrap made one).
             os.setsid()
+        if spec["backend"] in ("root", "userns"):
             build_root(spec)
         program_pid = os.fork()
         if program_pid == 0:
@@ -468,6 +472,48 @@ def _run_init(spec: dict, status_fd: int) -> None:
     except BaseException as error:
         _write_status(status_fd, {"setup_error": f"{type(error).__name__}: {error}"})
     os._exit(0)
+
+
+def bwrap_argv(spec: dict) -> list[str]:
+    """bubblewrap building the same view as ``build_root``; inside it, this file runs as init."""
+    python = os.path.realpath(sys.executable)
+    system = [path for path in SYSTEM_PATHS if os.path.lexists(path)]
+    exposed = [os.path.realpath(path) for path in (*spec["expose"], os.path.dirname(os.path.dirname(python)))]
+    # --as-pid-1: our init, not bwrap's reaper, is pid 1, so the program can neither kill it nor read it
+    argv = [
+        spec["bwrap"],
+        "--unshare-all",
+        "--unshare-user",
+        "--as-pid-1",
+        "--die-with-parent",
+        "--new-session",
+    ]
+    argv += ["--cap-drop", "ALL", "--clearenv"]
+    for path in system + [path for path in dict.fromkeys(exposed) if not _covered(path, system)]:
+        argv += ["--symlink", os.readlink(path), path] if os.path.islink(path) else ["--ro-bind", path, path]
+    for device in DEVICES:
+        argv += ["--dev-bind", device, device]
+    for path, target in SYMLINKS.items():
+        argv += ["--symlink", target, path]
+    argv += ["--perms", "1777", "--size", str(spec["tmpfs_bytes"]), "--tmpfs", "/tmp"]
+    argv += ["--bind" if spec["workdir_writable"] else "--ro-bind", spec["workdir"], SANDBOX_WORKDIR]
+    argv += ["--proc", "/proc", "--remount-ro", "/", "--chdir", "/"]
+    with open(__file__) as source:
+        inner = json.dumps({**spec, "stage": "init"})
+        return [*argv, "--", python, "-I", "-S", "-c", source.read(), inner]
+
+
+def _exec_bwrap(spec: dict, status_fd: int) -> None:
+    """The launcher's child with the bwrap backend; never returns."""
+    try:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+        os.set_inheritable(status_fd, True)  # for init inside bwrap
+        argv = bwrap_argv(spec)
+        os.execv(argv[0], argv)
+    except BaseException as error:
+        _write_status(status_fd, {"setup_error": f"bwrap: {type(error).__name__}: {error}"})
+    os._exit(127)
 
 
 def _kill_quietly(pid: int) -> None:
@@ -481,11 +527,13 @@ def main() -> None:
     spec = json.loads(sys.argv[1])
     status_fd = spec["status_fd"]
     os.set_inheritable(status_fd, False)
+    if spec.get("stage") == "init":  # inside bwrap, which built the namespaces and the view
+        _run_init(spec, status_fd)
     try:
         _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
         if os.getppid() != spec["parent_pid"]:
             os._exit(1)  # the grader died before we armed the death signal
-        if spec["backend"] != "none":
+        if spec["backend"] in ("root", "userns"):
             enter_namespaces(spec["backend"])
     except BaseException as error:
         _write_status(status_fd, {"setup_error": f"{type(error).__name__}: {error}"})
@@ -495,18 +543,20 @@ def main() -> None:
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
     init_pid = os.fork()
     if init_pid == 0:
-        _run_init(spec, status_fd)
+        (_exec_bwrap if spec["backend"] == "bwrap" else _run_init)(spec, status_fd)
     signal.signal(signal.SIGTERM, lambda *_: _kill_quietly(init_pid))
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
-    os.close(status_fd)
+    status = 0
     while True:
         try:
-            os.waitpid(init_pid, 0)
+            status = os.waitpid(init_pid, 0)[1]
             break
         except ChildProcessError:
             break
         except InterruptedError:
             continue
+    if spec["backend"] == "bwrap" and status != 0:  # init inside always exits 0: bwrap itself failed
+        _write_status(status_fd, {"setup_error": f"bwrap failed ({os.waitstatus_to_exitcode(status)})"})
     os._exit(0)
 
 
