@@ -922,3 +922,5 @@ def test_build_reward_and_config_validation():
         CodeRewardConfig(languages=("rust",))
     with pytest.raises(ConfigError, match="code.test_timeout_s"):
         CodeRewardConfig(test_timeout_s=0)
+    with pytest.raises(ConfigError, match="code.sandbox.backend"):
+        SandboxConfig(backend="docker")

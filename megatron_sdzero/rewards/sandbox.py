@@ -88,6 +88,12 @@ class SandboxConfig:
     work_root: str | None = None
     """Where run directories are created (default: the system temp dir)."""
 
+    def __post_init__(self) -> None:
+        from megatron_sdzero.config import ConfigError
+
+        if self.backend not in BACKEND_CHOICES:
+            raise ConfigError(f"code.sandbox.backend: {self.backend!r}; choose from {list(BACKEND_CHOICES)}")
+
 
 @dataclass(frozen=True)
 class ResourceLimits:
@@ -192,7 +198,7 @@ USERNS_BLOCKERS = (
     ),
 )
 NO_ISOLATION_HINT = (
-    "run the grader as root or on a node that allows unprivileged user namespaces, or set "
+    "run the grader as root or on a node that allows unprivileged user namespaces (or bubblewrap), or set "
     "allow_unsandboxed=True to run it without isolation (trusted code only: it gets the network and "
     "the grader's files)"
 )
