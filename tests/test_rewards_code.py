@@ -6,15 +6,19 @@ grader still passes a correct program afterwards.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
+import json
 import os
 import resource
 import shutil
 import socket
 import sys
+import tempfile
 import textwrap
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -30,10 +34,12 @@ from megatron_sdzero.rewards import (
     build_reward,
     extract_last_code_block,
     outputs_match,
+    sandbox_launcher,
 )
 from megatron_sdzero.rewards import sandbox as sandbox_module
 from megatron_sdzero.rewards.sandbox import (
     ProbeExecError,
+    ResourceLimits,
     SandboxResult,
     SandboxRunError,
     isolation_unavailable_reason,
@@ -56,8 +62,12 @@ needs_sandbox = pytest.mark.skipif(
 )
 
 
-@pytest.fixture(scope="module")
-def reward():
+# As an ordinary user with bubblewrap installed, every test taking `reward` runs on both backends.
+BACKENDS = ["auto"] + (["bwrap"] if os.geteuid() != 0 and sandbox_module.bubblewrap() else [])
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def reward(request):
     if NO_SANDBOX_REASON is not None:
         pytest.skip(f"no sandbox here: {NO_SANDBOX_REASON}")
     config = CodeRewardConfig(
@@ -65,6 +75,7 @@ def reward():
         test_timeout_s=TEST_TIMEOUT_S,
         max_processes=MAX_PROCESSES,
         max_output_bytes=MAX_OUTPUT_BYTES,
+        sandbox=SandboxConfig(backend=request.param),
     )
     with CodeReward(config) as code_reward:
         yield code_reward
@@ -78,34 +89,40 @@ def cpp_block(code: str) -> str:
     return f"```cpp\n{textwrap.dedent(code)}```"
 
 
-def run_python(reward: CodeReward, code: str, stdin: str = "") -> SandboxResult:
+def run_python(
+    reward: CodeReward, code: str, stdin: str = "", limits: ResourceLimits | None = None
+) -> SandboxResult:
     """Runs code exactly as a test run of the grader would, and returns what the sandbox saw."""
     toolchain = reward.toolchains["python"]
     with reward.sandbox.workdir() as workdir:
         (workdir / toolchain.source_name).write_text(textwrap.dedent(code))
-        return reward.sandbox.run(toolchain.run_argv, workdir, reward._run_limits(), stdin.encode())
+        return reward.sandbox.run(toolchain.run_argv, workdir, limits or reward._run_limits(), stdin.encode())
 
 
-def sandbox_uid_processes(config: SandboxConfig) -> list[int]:
-    """Pids of live processes owned by any sandbox uid (there must be none between runs)."""
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
+def sandbox_processes() -> list[int]:
+    """Live descendants of this test process (there must be none between runs). A sandboxed process
+    cannot leave the tree: its pid namespace dies with init, and init is the launcher's child."""
+    parents = {}
+    for entry in filter(str.isdigit, os.listdir("/proc")):
         try:
-            status = Path(f"/proc/{entry}/status").read_text()
+            stat = Path(f"/proc/{entry}/stat").read_text()
         except (FileNotFoundError, ProcessLookupError):
             continue
-        uid = int(next(line for line in status.splitlines() if line.startswith("Uid:")).split()[1])
-        if config.uid_base <= uid < config.uid_base + config.uid_count:
-            pids.append(int(entry))
-    return pids
+        parents[int(entry)] = int(stat.rsplit(")", 1)[1].split()[1])
+    descendants = []
+    for pid in parents:
+        ancestor = parents[pid]
+        while ancestor > 1 and ancestor != os.getpid():
+            ancestor = parents.get(ancestor, 0)
+        if ancestor == os.getpid():
+            descendants.append(pid)
+    return descendants
 
 
 def assert_grader_still_works(reward: CodeReward) -> None:
     result = reward.grade_batch([python_block(SUM_PROGRAM)], [SUM_TESTS]).results[0]
     assert (result.score, result.reason) == (1.0, "passed")
-    assert sandbox_uid_processes(reward.config.sandbox) == []
+    assert sandbox_processes() == []
 
 
 # ---------------------------------------------------------------- extraction and comparison
@@ -137,8 +154,14 @@ def test_whitespace_normalised_comparison():
 def test_the_sandbox_reports_every_protection_active(reward):
     report = reward.sandbox_report
     assert report.fully_protected, report.describe()
-    assert report.uid >= reward.config.sandbox.uid_base
-    assert report.rlimits["RLIMIT_NPROC"] == 8  # probe limits; test runs get max_processes
+    expected = reward.config.sandbox.backend
+    assert report.backend == (("root" if os.geteuid() == 0 else "userns") if expected == "auto" else expected)
+    if report.backend == "root":
+        assert report.uid >= reward.config.sandbox.uid_base
+        assert report.rlimits["RLIMIT_NPROC"] == 8  # probe limits; test runs get max_processes
+    else:  # init (and the launcher or bwrap's init) share the program's uid there
+        assert report.uid == (0 if report.backend == "userns" else os.getuid())
+        assert report.rlimits["RLIMIT_NPROC"] == 8 + sandbox_launcher.EXTRA_PROCESSES[report.backend]
     # the grader's own interpreter is usable even when it lives under a 0700 home directory
     assert report.python == os.path.realpath(sys.executable)
     assert reward.toolchains["python"].run_argv[0] == report.python
@@ -376,39 +399,59 @@ def test_host_files_cannot_be_read(reward, tmp_path):
 
 
 @pytest.fixture
-def host_listeners():
-    """A TCP listener on the host's loopback and a world-connectable unix socket under /run."""
+def host_scratch():
+    """A fresh world-readable host directory outside the temporary and runtime directories: in the
+    checkout, or under $SDZERO_HOSTILE_SCRATCH (set by the unprivileged re-run, whose user cannot
+    write the checkout)."""
+    path = Path(tempfile.mkdtemp(prefix=".hostile-", dir=os.environ.get("SDZERO_HOSTILE_SCRATCH", REPO_ROOT)))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path)
+
+
+@pytest.fixture
+def host_listeners(host_scratch):
+    """A TCP listener on the host's loopback and world-connectable unix sockets: at a path in
+    host_scratch, in the abstract namespace, and under /run where this user may write there."""
     tcp = socket.socket()
     tcp.bind(("127.0.0.1", 0))
-    unix_path = Path("/run") / f"sdzero-test-{uuid.uuid4().hex}.sock"
-    unix = socket.socket(socket.AF_UNIX)
-    unix.bind(str(unix_path))
-    unix_path.chmod(0o777)
-    for listener in (tcp, unix):
+    unix_paths = [str(host_scratch / "service.sock"), f"\0sdzero-test-{uuid.uuid4().hex}"]
+    if os.access("/run", os.W_OK):
+        unix_paths.append(f"/run/sdzero-test-{uuid.uuid4().hex}.sock")
+    listeners = [tcp]
+    for path in unix_paths:
+        listener = socket.socket(socket.AF_UNIX)
+        listener.bind(path)
+        if not path.startswith("\0"):
+            os.chmod(path, 0o777)
+        listeners.append(listener)
+    for listener in listeners:
         listener.listen()
         listener.setblocking(False)
-    yield tcp, unix, unix_path
-    tcp.close()
-    unix.close()
-    unix_path.unlink()
+    yield listeners, unix_paths
+    for listener in listeners:
+        listener.close()
+    for path in unix_paths:
+        if not path.startswith("\0"):
+            os.unlink(path)
 
 
-def test_network_connections_fail(reward, host_listeners):
-    tcp, unix, unix_path = host_listeners
+def test_network_and_host_sockets_are_unreachable(reward, host_listeners):
+    listeners, unix_paths = host_listeners
     program = f"""
         import socket
         attempts = [
-            (socket.AF_INET, ("127.0.0.1", {tcp.getsockname()[1]})),
+            (socket.AF_INET, ("127.0.0.1", {listeners[0].getsockname()[1]})),
             (socket.AF_INET, ("10.0.2.2", 80)),
             (socket.AF_INET, ("1.1.1.1", 53)),
-            (socket.AF_UNIX, {str(unix_path)!r}),
-        ]
+        ] + [(socket.AF_UNIX, path) for path in {unix_paths!r}]
         for family, address in attempts:
             try:
                 client = socket.socket(family)
                 client.settimeout(0.5)
                 client.connect(address)
-                print("connected", address)
+                client.sendall(b"hello")
+                print("connected", address, client.recv(100))
             except OSError as error:
                 print("failed", type(error).__name__)
         try:
@@ -419,13 +462,14 @@ def test_network_connections_fail(reward, host_listeners):
         print(sorted(name for _, name in socket.if_nameindex()))
     """
     result = run_python(reward, program)
-    for listener in (tcp, unix):
+    for listener in listeners:
         with pytest.raises(BlockingIOError):
             listener.accept()  # nobody reached the host's listeners
     assert result.exit_code == 0, result.stderr
     lines = result.stdout.decode().splitlines()
-    assert all(line.startswith("failed") for line in lines[:5]), lines
-    assert lines[5] == "['lo']"
+    attempts = 3 + len(unix_paths) + 1
+    assert all(line.startswith("failed") for line in lines[:attempts]), lines
+    assert lines[attempts] == "['lo']"
     assert_grader_still_works(reward)
 
 
@@ -449,9 +493,29 @@ def test_killing_its_parent_or_the_grader_fails(reward):
     result = run_python(reward, program)
     assert os.getpid() == before  # we are still here
     output = result.stdout.decode().splitlines()
-    # kill(-1) and killpg may take the program itself down; they can reach nothing else
-    assert output[:4] == ["parent", "failed PermissionError", "grader", "failed ProcessLookupError"]
+    # kill(-1) and killpg may take the program itself down; they can reach nothing else. Its parent
+    # is init: another uid (root backend), or the pid namespace's init, immune to its own namespace
+    assert output[0] == "parent"
+    assert output[1 : output.index("grader")] in (["failed PermissionError"], [])
+    assert output[output.index("grader") + 1] == "failed ProcessLookupError"
     assert result.setup_error is None
+    assert result.exit_code is not None or result.signal is not None  # init survived to report
+    assert_grader_still_works(reward)
+
+
+def test_the_test_input_cannot_be_modified_through_proc(reward):
+    program = """
+        import os, sys
+        try:
+            with open("/proc/self/fd/0", "r+b") as stdin:
+                stdin.write(b"tampered" * 1000)
+            print("wrote")
+        except OSError as error:
+            print("denied", type(error).__name__)
+        sys.stdout.write(sys.stdin.read())
+    """
+    result = run_python(reward, program, stdin="the input\n")
+    assert result.stdout.decode().splitlines() == ["denied PermissionError", "the input"], result.stderr
     assert_grader_still_works(reward)
 
 
@@ -488,22 +552,335 @@ def test_processes_left_behind_die_with_the_run(reward):
     result = run_python(reward, escaper)
     assert result.stdout == b"parent done\n"
     assert not result.timed_out and result.wall_s < TEST_TIMEOUT_S  # did not wait for the sleeper ...
-    assert sandbox_uid_processes(reward.config.sandbox) == []  # ... which died with the pid namespace
+    assert sandbox_processes() == []  # ... which died with the pid namespace
+
+
+def test_a_dataset_on_the_host_cannot_be_read_for_the_answer(reward, host_scratch, tmp_path, monkeypatch):
+    """Reward hacking: the expected output sits in world-readable files on the host and in the
+    grader's environment; a program that prints it without solving anything must score 0."""
+    answer = uuid.uuid4().hex
+    record = json.dumps({"input": "", "output": answer}) + "\n"
+    tmp_path.chmod(0o755)
+    datasets = [host_scratch / "data" / "problems.jsonl", tmp_path / "problems.jsonl"]
+    for dataset in datasets:
+        dataset.parent.mkdir(mode=0o755, exist_ok=True)
+        dataset.write_text(record)
+        dataset.chmod(0o644)
+    monkeypatch.setenv("SDZERO_TEST_EXPECTED_OUTPUT", answer)
+    skipped = [*sandbox_launcher.SYSTEM_PATHS, *reward.sandbox.expose, "/proc", "/dev"]
+    # the cheater must not contain the answer itself: it looks for what follows the field names
+    cheater = f"""
+        import os, re
+        patterns = [re.compile(rb'"output": "(\\w+)"'), re.compile(rb"SDZERO_TEST_EXPECTED_OUTPUT=(\\w+)")]
+        def search(path):
+            try:
+                with open(path, "rb") as file:
+                    data = file.read(1 << 20)
+            except OSError as error:
+                return "denied " + type(error).__name__
+            found = [match.decode() for pattern in patterns for match in pattern.findall(data)]
+            return "found " + " ".join(found) if found else "absent"
+        for dataset in {[str(path) for path in datasets]!r}:
+            print(dataset, search(dataset))
+        for pid in [name for name in os.listdir("/proc") if name.isdigit()]:
+            for name in ("environ", "cmdline"):
+                print(f"/proc/{{pid}}/{{name}}", search(f"/proc/{{pid}}/{{name}}"))
+        skipped = {skipped!r}
+        for top, dirs, files in os.walk("/"):
+            dirs[:] = [d for d in dirs if os.path.join(top, d) not in skipped]
+            for name in files:
+                print(os.path.join(top, name), search(os.path.join(top, name)))
+        print("visible", sorted(os.listdir("/")))
+    """
+    result = run_python(reward, cheater)
+    assert result.exit_code == 0, result.stderr
+    output = result.stdout.decode()
+    assert answer not in output, output
+    lines = output.splitlines()
+    assert [line.split()[1] for line in lines[: len(datasets)]] == ["denied"] * len(datasets)
+    init_environ = next(line for line in lines if line.startswith("/proc/1/environ"))
+    assert init_environ.split()[1] == "denied"  # init is another uid, or not dumpable (userns)
+    visible = set(json.loads(lines[-1].removeprefix("visible ").replace("'", '"')))
+    assert visible <= sandbox_module.expected_root_entries(reward.sandbox)
+    assert not visible & {"root", "home", "work", "data", "run", "sys", "mnt", "srv", "opt"} - {
+        path.split("/")[1] for path in reward.sandbox.expose
+    }
+    printer = python_block(f"import sys\nprint(open({str(datasets[0])!r}).read().split('\"')[-2])\n")
+    graded = reward.grade_batch([printer], [[TestCase("", answer)]]).results[0]
+    assert (graded.score, graded.reason) == (0.0, "runtime_error")
+    assert_grader_still_works(reward)
+
+
+def _keyctl(*args: object) -> int:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long
+    result = libc.syscall(ctypes.c_long(sandbox_launcher.ARCH["keyctl"]), *args)
+    if result < 0:
+        raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
+    return result
+
+
+@pytest.fixture
+def grader_key():
+    """A "user" key with a secret payload in this thread's session keyring, as a grader's token."""
+    if sandbox_launcher.ARCH is None:
+        pytest.skip("no syscall table for this architecture")
+    secret = uuid.uuid4().hex.encode()
+    description = f"sdzero-test-{uuid.uuid4().hex}".encode()
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long
+    add_key = ctypes.c_long(sandbox_launcher.ARCH["add_key"])
+    session = ctypes.c_int(sandbox_launcher.KEY_SPEC_SESSION_KEYRING)
+    serial = libc.syscall(add_key, b"user", description, secret, ctypes.c_size_t(len(secret)), session)
+    if serial < 0:
+        pytest.skip(f"this kernel does not take keys: {os.strerror(ctypes.get_errno())}")
+    buffer = ctypes.create_string_buffer(256)
+    read = _keyctl(sandbox_launcher.KEYCTL_READ, ctypes.c_long(serial), buffer, ctypes.c_size_t(256))
+    assert buffer.raw[:read] == secret  # the grader itself can read it
+    yield serial, description, secret
+    _keyctl(21, ctypes.c_long(serial))  # KEYCTL_INVALIDATE
+
+
+def test_the_graders_keyring_is_not_inherited(reward, grader_key):
+    serial, description, secret = grader_key
+    program = f"""
+        import ctypes, os
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.syscall.restype = ctypes.c_long
+        KEYCTL = ctypes.c_long({sandbox_launcher.ARCH["keyctl"]})
+        def keyctl(*args):
+            result = libc.syscall(KEYCTL, *args)
+            return result if result >= 0 else "failed " + os.strerror(ctypes.get_errno())
+        buffer = ctypes.create_string_buffer(256)
+        print("read", keyctl(11, ctypes.c_long({serial}), buffer, ctypes.c_size_t(256)), buffer.value)
+        for keyring in (-3, -4, -5):  # session, user, user-session
+            print("search", keyctl(10, ctypes.c_int(keyring), b"user", {description!r}, 0))
+        print("session keyring", keyctl(0, ctypes.c_int(-3), 0))
+    """
+    result = run_python(reward, program)
+    assert result.exit_code == 0, result.stderr
+    lines = result.stdout.decode().splitlines()
+    assert secret.decode() not in result.stdout.decode()
+    assert lines[0].startswith("read failed"), lines
+    assert all(line.startswith("search failed") for line in lines[1:4]), lines
+    assert lines[4] == "session keyring failed Operation not permitted"  # key calls are refused
+    assert_grader_still_works(reward)
+
+
+MEMORY_BOMB = r"""
+import ctypes, json, mmap, os, sys
+MB = 1 << 20
+libc = ctypes.CDLL(None, use_errno=True)
+libc.mmap.restype = ctypes.c_void_p
+c = ctypes
+libc.mmap.argtypes = [c.c_void_p, c.c_size_t, c.c_int, c.c_int, c.c_int, c.c_long]
+libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+keep = []
+
+def pinned(fd, size):
+    # map the object, touch it, unmap all but one page: RLIMIT_AS then sees one page
+    address = libc.mmap(None, size, 3, 0x01 | (0x20 if fd < 0 else 0), fd, 0)
+    if address in (None, ctypes.c_void_p(-1).value):
+        raise OSError(ctypes.get_errno(), "mmap")
+    ctypes.memset(address, 1, size)
+    libc.munmap(address + 4096, size - 4096)
+    return size // MB
+
+def memfd():
+    fd = os.memfd_create("bomb")
+    os.write(fd, b"\1" * (8 * MB))
+    keep.append(fd)
+    return 8 + pinned(os.memfd_create("bomb"), 16 * MB)
+
+def shared_anonymous():
+    return pinned(-1, 16 * MB)
+
+def dev_zero():
+    return pinned(os.open("/dev/zero", os.O_RDWR), 16 * MB)
+
+def sysv():
+    segment = libc.shmget(0, ctypes.c_size_t(16 * MB), 0o1600)
+    if segment < 0:
+        raise OSError(ctypes.get_errno(), "shmget")
+    return 16
+
+def nested_tmpfs():
+    # a user namespace of its own would let the program mount a tmpfs of any size
+    uid, gid = os.getuid(), os.getgid()
+    if libc.unshare(0x10000000 | 0x20000) != 0:  # CLONE_NEWUSER | CLONE_NEWNS
+        raise OSError(ctypes.get_errno(), "unshare")
+    for name, text in (("setgroups", "deny"), ("uid_map", f"0 {uid} 1"), ("gid_map", f"0 {gid} 1")):
+        with open(f"/proc/self/{name}", "w") as file:
+            file.write(text)
+    if libc.mount(b"tmpfs", b"/tmp/work", b"tmpfs", 0, b"size=4g") != 0:
+        raise OSError(ctypes.get_errno(), "mount")
+    return 16 * sum(tmpfs_file("/tmp/work")() == 1 for _ in range(16))
+
+def clone_new_user():
+    pid = libc.syscall(56 if os.uname().machine == "x86_64" else 220, 0x10000000 | 17, 0, 0, 0, 0)
+    if pid == 0:
+        os._exit(0)
+    if pid < 0:
+        raise OSError(ctypes.get_errno(), "clone")
+    os.waitpid(pid, 0)
+    return 0
+
+def tmpfs_file(directory):
+    def grab():
+        fd = os.open(f"{directory}/{len(keep)}-{os.getpid()}", os.O_CREAT | os.O_RDWR)
+        keep.append(fd)
+        return os.write(fd, b"\1" * MB) / MB  # a short write when the tmpfs fills up
+    return grab
+
+def anonymous():
+    keep.append(bytearray(b"\1") * (8 * MB))
+    return 8
+
+held, errors = {}, {}
+for name, grab in [("memfd", memfd), ("shared_anonymous", shared_anonymous), ("dev_zero", dev_zero),
+                   ("sysv", sysv), ("nested_tmpfs", nested_tmpfs), ("clone_new_user", clone_new_user),
+                   ("dev_shm", tmpfs_file("/dev/shm")), ("tmp", tmpfs_file("/tmp")),
+                   ("anonymous", anonymous)]:
+    held[name] = 0
+    for _ in range(4096):
+        try:
+            held[name] += grab()
+        except (OSError, MemoryError) as error:
+            errors[name] = type(error).__name__
+            break
+print(json.dumps({"held_mb": held, "errors": errors}), flush=True)
+"""
+
+
+def memory_bound_mb(config: CodeRewardConfig) -> int:
+    """docs/rewards.md: a run holds at most max_processes x memory_mb + tmpfs_mb."""
+    return config.max_processes * config.memory_mb + config.sandbox.tmpfs_mb
+
+
+@pytest.fixture(scope="module")
+def small_memory_reward():
+    if NO_SANDBOX_REASON is not None:
+        pytest.skip(f"no sandbox here: {NO_SANDBOX_REASON}")
+    config = CodeRewardConfig(
+        num_workers=1,
+        languages=("python",),
+        memory_mb=128,
+        max_processes=MAX_PROCESSES,
+        sandbox=SandboxConfig(tmpfs_mb=32),
+    )
+    with CodeReward(config) as code_reward:
+        yield code_reward
+
+
+def bomb_limits(reward: CodeReward) -> ResourceLimits:
+    return dataclasses.replace(reward._run_limits(), wall_timeout_s=60.0, cpu_time_s=60)
+
+
+def check_one_bomb(report: dict, config: CodeRewardConfig) -> int:
+    held = report["held_mb"]
+    for escape in ("memfd", "shared_anonymous", "sysv", "nested_tmpfs", "clone_new_user"):
+        assert (held[escape], report["errors"][escape]) == (0, "PermissionError"), report
+    assert (held["dev_zero"], report["errors"]["dev_zero"]) == (0, "FileNotFoundError"), report
+    assert config.memory_mb / 2 <= held["anonymous"] <= config.memory_mb, report  # RLIMIT_AS bites
+    assert report["errors"]["anonymous"] == "MemoryError"
+    return sum(held.values())
+
+
+def test_one_process_cannot_hold_more_than_its_memory_bound(small_memory_reward):
+    config = small_memory_reward.config
+    result = run_python(small_memory_reward, MEMORY_BOMB, limits=bomb_limits(small_memory_reward))
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    total = check_one_bomb(report, config)
+    tmpfs = report["held_mb"]["dev_shm"] + report["held_mb"]["tmp"]
+    assert config.sandbox.tmpfs_mb / 2 <= tmpfs <= config.sandbox.tmpfs_mb, report  # one tmpfs for both
+    assert total <= config.memory_mb + config.sandbox.tmpfs_mb
+    assert_grader_still_works(small_memory_reward)
+
+
+def test_eight_processes_of_a_run_stay_within_the_documented_bound(small_memory_reward):
+    config = small_memory_reward.config
+    program = f"""
+        import os
+        ready_read, ready_write = os.pipe()
+        go_read, go_write = os.pipe()
+        children = 0
+        while children < {MAX_PROCESSES - 1} and os.fork() != 0:
+            children += 1
+        is_parent = children == {MAX_PROCESSES - 1}
+        exec({MEMORY_BOMB!r})
+        if not is_parent:  # hold everything until every process has reported
+            os.close(go_write)
+            os.write(ready_write, b"x")
+            os.read(go_read, 1)
+            os._exit(0)
+        for _ in range(children):
+            os.read(ready_read, 1)
+        os.close(go_write)
+        for _ in range(children):
+            os.wait()
+    """
+    result = run_python(small_memory_reward, program, limits=bomb_limits(small_memory_reward))
+    assert result.exit_code == 0, result.stderr
+    reports = [json.loads(line) for line in result.stdout.decode().splitlines()]
+    assert len(reports) == MAX_PROCESSES  # the rlimit left room for exactly max_processes
+    total = sum(check_one_bomb(report, config) for report in reports)
+    tmpfs = sum(report["held_mb"]["dev_shm"] + report["held_mb"]["tmp"] for report in reports)
+    assert tmpfs <= config.sandbox.tmpfs_mb
+    assert total <= memory_bound_mb(config)
+    assert_grader_still_works(small_memory_reward)
+
+
+def test_eight_concurrent_runs_each_stay_within_the_bound(small_memory_reward):
+    config = small_memory_reward.config
+    limits = bomb_limits(small_memory_reward)
+    with ThreadPoolExecutor(8) as pool:
+        results = list(
+            pool.map(lambda _: run_python(small_memory_reward, MEMORY_BOMB, limits=limits), range(8))
+        )
+    totals = []
+    for result in results:
+        assert result.exit_code == 0, result.stderr
+        totals.append(check_one_bomb(json.loads(result.stdout), config))
+    assert all(total <= config.memory_mb + config.sandbox.tmpfs_mb for total in totals), totals
+    assert sum(totals) <= 8 * memory_bound_mb(config)
+    assert_grader_still_works(small_memory_reward)
 
 
 # ---------------------------------------------------------------- refusal and configuration
 
 
 def test_refuses_to_run_unsandboxed_without_opt_in(monkeypatch):
-    monkeypatch.setattr(sandbox_module, "isolation_unavailable_reason", lambda: "pretend: not root")
+    monkeypatch.setattr(sandbox_module, "select_backend", lambda _: (None, "pretend: not root"))
     with pytest.raises(SandboxUnavailableError, match="allow_unsandboxed"):
         open_sandbox(SandboxConfig(), ["/usr/bin/python3"])
     with pytest.raises(SandboxUnavailableError, match="pretend: not root"):
         CodeReward(CodeRewardConfig(num_workers=1))
 
 
+def test_an_ordinary_user_without_user_namespaces_gets_a_one_line_reason(monkeypatch, tmp_path):
+    knob = tmp_path / "max_user_namespaces"
+    knob.write_text("0\n")
+    blocker = (str(knob), "0", "user namespaces are disabled (user.max_user_namespaces=0)")
+    monkeypatch.setattr(sandbox_module, "USERNS_BLOCKERS", (blocker,))
+    monkeypatch.setattr(sandbox_module.os, "geteuid", lambda: 1000)
+    monkeypatch.setattr(sandbox_module, "bubblewrap", lambda: None)
+    reason = f"not root, {blocker[2]} and bubblewrap (bwrap) is not installed"
+    assert sandbox_module.select_backend() == (None, reason)
+    with pytest.raises(SandboxUnavailableError) as refused:
+        CodeReward(CodeRewardConfig(num_workers=1, languages=("python",)))
+    message = str(refused.value)
+    assert "\n" not in message
+    assert reason in message
+    assert "allow_unsandboxed=True" in message
+    monkeypatch.setattr(sandbox_module, "bubblewrap", lambda: "/usr/bin/bwrap")
+    assert sandbox_module.select_backend() == ("bwrap", None)  # bubblewrap may still work
+    knob.write_text("15000\n")  # an allowed count: the user-namespace backend is chosen
+    assert sandbox_module.select_backend() == ("userns", None)
+
+
 def test_opt_in_runs_unsandboxed_and_says_so(monkeypatch):
-    monkeypatch.setattr(sandbox_module, "isolation_unavailable_reason", lambda: "pretend: not root")
+    monkeypatch.setattr(sandbox_module, "select_backend", lambda _: (None, "pretend: not root"))
     config = CodeRewardConfig(
         num_workers=1, languages=("python",), sandbox=SandboxConfig(allow_unsandboxed=True)
     )
@@ -511,7 +888,7 @@ def test_opt_in_runs_unsandboxed_and_says_so(monkeypatch):
         assert not reward.sandbox_report.isolated
         assert not reward.sandbox_report.fully_protected
         assert not reward.sandbox_report.network_isolated
-        assert "namespaces: NO" in reward.sandbox_report.describe()
+        assert "namespaces (none): NO" in reward.sandbox_report.describe()
         assert reward.score_batch([python_block(SUM_PROGRAM)], [SUM_TESTS]) == [1.0]
 
 
@@ -545,3 +922,5 @@ def test_build_reward_and_config_validation():
         CodeRewardConfig(languages=("rust",))
     with pytest.raises(ConfigError, match="code.test_timeout_s"):
         CodeRewardConfig(test_timeout_s=0)
+    with pytest.raises(ConfigError, match="code.sandbox.backend"):
+        SandboxConfig(backend="docker")

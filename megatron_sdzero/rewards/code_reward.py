@@ -34,6 +34,7 @@ from megatron_sdzero.rewards.sandbox import (
     SandboxReport,
     SandboxResult,
     SandboxRunError,
+    install_prefix,
     open_sandbox,
 )
 
@@ -166,10 +167,8 @@ class CodeReward(Reward):
 
     def __init__(self, config: CodeRewardConfig | None = None) -> None:
         self.config = config or CodeRewardConfig()
-        # The grader's own interpreter works in the sandbox even if it lives under /root (mode 700).
-        expose = os.path.realpath(sys.base_prefix)
         self.sandbox, self.sandbox_report = open_sandbox(
-            self.config.sandbox, self._python_candidates(), expose
+            self.config.sandbox, self._python_candidates(), self._toolchain_prefixes()
         )
         logger.info("code sandbox: %s", self.sandbox_report.describe())
         self.toolchains = self._find_toolchains(self.sandbox_report)
@@ -272,6 +271,15 @@ class CodeReward(Reward):
             return [self.config.python_executable]
         candidates = [os.path.realpath(sys.executable), shutil.which("python3"), "/usr/bin/python3"]
         return list(dict.fromkeys(path for path in candidates if path))
+
+    def _toolchain_prefixes(self) -> list[str]:
+        """Installation prefixes the sandbox must show (read-only) besides each candidate python's:
+        the grader's base interpreter and the C++ compiler (usually /usr, already shown)."""
+        prefixes = [os.path.realpath(sys.base_prefix)]
+        compiler = shutil.which(self.config.cpp_compiler)
+        if compiler and "cpp" in self.config.languages:
+            prefixes.append(install_prefix(compiler))
+        return prefixes
 
     def _find_toolchains(self, report: SandboxReport) -> dict[str, _Toolchain]:
         toolchains = {}
