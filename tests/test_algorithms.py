@@ -394,3 +394,35 @@ def _rft_rank(values: dict) -> dict:
     config = from_dict(RFTConfig, values)
     engine = ArithmeticEngine(AutoTokenizer.from_pretrained(values["model"]["path"]))
     return run_rft(config, engine)
+
+
+@pytest.mark.parametrize(
+    "name, algorithm, samples_per_step",
+    [
+        ("grpo_qwen3_4b_math", "grpo", 128),
+        ("sdft_qwen3_4b_math", "sdft", 128),
+        ("grpo_smollm2_gpu", "grpo", 64),
+    ],
+)
+def test_the_baseline_recipes_share_sd_zero_s_sample_budget(
+    name: str, algorithm: str, samples_per_step: int
+) -> None:
+    from megatron_sdzero.config import load_config
+
+    config = load_config(DistillConfig, str(ROOT / "examples" / f"{name}.yaml"), [])
+    sdzero = load_config(DistillConfig, str(ROOT / "examples" / "distill_qwen3_4b_math.yaml"), [])
+    assert config.algorithm == algorithm and config.samples_per_step == samples_per_step
+    if name.endswith("qwen3_4b_math"):
+        assert config.samples_per_step == sdzero.samples_per_step  # the same samples per step as SD-Zero
+        assert config.budget.max_samples == sdzero.train.train_iters * sdzero.samples_per_step
+        assert config.problems == sdzero.problems and config.eval.problems == sdzero.eval.problems
+    if algorithm == "grpo":
+        assert config.sampling.n >= 2 and config.grpo.loss.kl_coef == 0.04
+
+
+def test_the_rft_recipe_spends_the_same_budget() -> None:
+    from megatron_sdzero.algorithms.rft import RFTConfig
+    from megatron_sdzero.config import load_config
+
+    config = load_config(RFTConfig, str(ROOT / "examples" / "rft_qwen3_4b_math.yaml"), [])
+    assert config.budget.max_samples == 128000 and config.sampling.n == 4
