@@ -119,14 +119,19 @@ class Collector:
         attempts = [record for a in inits for record in _attempt_records(a)]
         return BatchOutput(records, attempts, counters)
 
-    def _response_record(self, request: Request, index: int, y: GradedSample) -> dict:
-        problem = request.problem
+    def _problem_fields(self, problem: Problem) -> dict:
+        """What every kept record says of its problem."""
         return {
             "problem_id": problem.id,
             "mode": problem.mode,
             "problem": problem.text,
             "answer": problem.answer,
             "messages": build_messages(problem.text, problem.mode, self.prompt),
+        }
+
+    def _response_record(self, request: Request, index: int, y: GradedSample) -> dict:
+        return {
+            **self._problem_fields(request.problem),
             "index": index,
             "y": y.completion.text,
             "y_ids": list(y.completion.token_ids),
@@ -162,13 +167,9 @@ class Collector:
         return [Answered(r, g.samples) for r, g in zip(requests, sampled.groups, strict=True)]
 
     def _tuple(self, request: Request, revision_index: int, y_rev: GradedSample) -> dict:
-        problem, y_init = request.problem, request.y_init
+        y_init = request.y_init
         return {
-            "problem_id": problem.id,
-            "mode": problem.mode,
-            "problem": problem.text,
-            "answer": problem.answer,
-            "messages": build_messages(problem.text, problem.mode, self.prompt),
+            **self._problem_fields(request.problem),
             "init_index": request.init_index,
             "revision_index": revision_index,
             "init_correct": y_init.correct,
