@@ -34,7 +34,7 @@ from types import ModuleType
 
 import torch
 
-from megatron_sdzero.losses import _torch_kernels
+import megatron_sdzero.losses._torch_kernels as _torch_kernels
 from megatron_sdzero.losses._cluster_kernel import select_fused_kernel
 from megatron_sdzero.losses._torch_kernels import TABLE_WIDTH, GradSpec
 from megatron_sdzero.losses.config import Backend

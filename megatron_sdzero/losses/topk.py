@@ -32,7 +32,7 @@ from types import ModuleType
 
 import torch
 
-from megatron_sdzero.losses import _torch_kernels
+import megatron_sdzero.losses._torch_kernels as _torch_kernels
 from megatron_sdzero.losses._torch_kernels import (
     NEG_BIG,
     GradSpec,

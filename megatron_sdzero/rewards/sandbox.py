@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Literal
 
-from megatron_sdzero.rewards import sandbox_launcher
+import megatron_sdzero.rewards.sandbox_launcher as sandbox_launcher
 
 logger = logging.getLogger(__name__)
 
