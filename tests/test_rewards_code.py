@@ -99,9 +99,24 @@ def run_python(
         return reward.sandbox.run(toolchain.run_argv, workdir, limits or reward._run_limits(), stdin.encode())
 
 
+_PREEXISTING: set[int] = set()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _helpers_of_earlier_tests() -> None:
+    """Long-lived children that earlier test files started (the rank launcher's forkserver and its
+    resource tracker) are not the sandbox's: remember them before this file's first run."""
+    _PREEXISTING.update(_descendants())
+
+
 def sandbox_processes() -> list[int]:
-    """Live descendants of this test process (there must be none between runs). A sandboxed process
-    cannot leave the tree: its pid namespace dies with init, and init is the launcher's child."""
+    """Live descendants of this test process (there must be none between runs) other than the helpers
+    earlier test files left. A sandboxed process cannot leave the tree: its pid namespace dies with
+    init, and init is the launcher's child."""
+    return [pid for pid in _descendants() if pid not in _PREEXISTING]
+
+
+def _descendants() -> list[int]:
     parents = {}
     for entry in filter(str.isdigit, os.listdir("/proc")):
         try:
