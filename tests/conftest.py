@@ -50,3 +50,13 @@ def tiny_hf_models(tmp_path_factory) -> dict[str, Path]:
         "qwen3_tied": _make(root, "qwen3_tied", family="qwen3", tie_word_embeddings=True, **common),
         "llama_tied": _make(root, "llama_tied", family="llama", tie_word_embeddings=True, **common),
     }
+
+
+@pytest.fixture(autouse=True)
+def _restore_environment():
+    """An in-process command sets RANK / MASTER_PORT (init_distributed) and keeps its process group's
+    store listening on that port; a later test's subprocess must not inherit that port."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
