@@ -33,6 +33,9 @@ COMMANDS: dict[str, Command] = {
         "megatron_sdzero.data.split:main", "a held-out OpenR1-Math split, disjoint from training"
     ),
     "report": Command("megatron_sdzero.report:main", "PNG plots of a run (loss, reward, eval, time, tokens)"),
+    "compare-report": Command(
+        "megatron_sdzero.experiment.summary:main", "table and plots of a `sdzero compare` results.json"
+    ),
     "demo": Command("megatron_sdzero.demo:main", "both phases end to end on a tiny model (CPU)"),
 }
 
