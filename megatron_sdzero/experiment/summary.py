@@ -33,6 +33,7 @@ STATUSES = ("done", "failed", "pending")
 GOAL_RELATIVE_GAIN = 10.0  # percent of base's avg@k
 METRICS = ("avg", "pass")  # per-problem avg@k and pass@k
 SUMMARY_FILE = "summary.md"
+LINESTYLES = ("-", "--", ":", "-.")  # one per training seed of an arm
 
 
 class SummaryError(UserError):
@@ -438,7 +439,7 @@ def _reverse(summary: Summary, benchmark: str, sdzero: str, other: str) -> Diffe
     """SD-Zero minus ``other`` (summarise computes every arm minus each reference)."""
     diff = summary.difference(benchmark, other, sdzero)
     assert diff is not None
-    return Difference(sdzero, other, diff.metric, -diff.mean, (-diff.ci[1], -diff.ci[0]), None)
+    return Difference(sdzero, other, diff.metric, 0.0 - diff.mean, (0.0 - diff.ci[1], 0.0 - diff.ci[0]), None)
 
 
 # --- markdown ----------------------------------------------------------------------------------------
@@ -676,13 +677,17 @@ def samples_plot(summary: Summary, path: Path) -> Path | None:
 
     plt, colors = _pyplot(), _colors(results)
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    labelled: set[str] = set()
+    seen: dict[str, int] = {}  # arm -> runs drawn so far: the first is labelled, each seed has its style
     for arm, run in runs:
-        label = None if arm.name in labelled else arm.label
-        labelled.add(arm.name)
+        number = seen.get(arm.name, 0)
+        seen[arm.name] = number + 1
+        label = arm.label if number == 0 else None
         xs = [p["samples"] for p in run.curve]
         ys = [100 * p["validation"] for p in run.curve]
-        ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, color=colors[arm.name], label=label)
+        style = LINESTYLES[number % len(LINESTYLES)]
+        ax.plot(
+            xs, ys, marker="o" if len(xs) < 30 else None, color=colors[arm.name], linestyle=style, label=label
+        )
     ax.axvline(results.max_samples, color="grey", linestyle=":", label="budget")
     ax.set(
         title=f"validation ({results.validation or 'unnamed'}) over samples used",
@@ -707,13 +712,15 @@ def evolution_plot(summary: Summary, path: Path) -> Path | None:
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(arms), figsize=(5 * len(arms), 4.5), squeeze=False, sharey=True)
     for ax, arm in zip(axes[0], arms, strict=True):
-        for run in arm.done:
+        for number, run in enumerate(arm.done):
             steps = [p["step"] for p in run.evolution]
+            style = LINESTYLES[number % len(LINESTYLES)]
             for key, color in (("generation", "tab:blue"), ("revision", "tab:orange")):
                 ax.plot(
                     steps,
                     [100 * p[key] for p in run.evolution],
                     color=color,
+                    linestyle=style,
                     marker="o" if len(steps) < 30 else None,
                     label=f"{key} (seed {run.seed})",
                 )
