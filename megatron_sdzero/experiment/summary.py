@@ -99,20 +99,22 @@ class Results:
     localization: Mapping[str, Any] | None = None
 
 
-def _get(obj: Mapping[str, Any], key: str, kinds: type | tuple[type, ...], where: str) -> Any:
-    """``obj[key]``, checked to be of ``kinds`` (a bool is never taken for a number)."""
+NUMBER = (int, float)
+
+
+def _get(obj: Mapping[str, Any], key: str, kinds: type | tuple[type, ...], where: str = "") -> Any:
+    """``obj[key]``, checked to be of ``kinds`` (a bool is never taken for a number); ``where`` is the
+    object's path in the file ("" for the top level)."""
     if key not in obj:
-        raise SummaryError(f"results.json: {where} has no {key!r}")
+        raise SummaryError(f"results.json: {where or 'the top level'} has no {key!r}")
     value = obj[key]
     kinds = kinds if isinstance(kinds, tuple) else (kinds,)
     number_wanted = any(k in (int, float) for k in kinds)
     if not isinstance(value, kinds) or (isinstance(value, bool) and number_wanted and bool not in kinds):
         names = " or ".join("null" if k is type(None) else k.__name__ for k in kinds)
-        raise SummaryError(f"results.json: {where}.{key} must be {names}, got {json.dumps(value)[:60]}")
+        path = f"{where}.{key}" if where else key
+        raise SummaryError(f"results.json: {path} must be {names}, got {json.dumps(value)[:60]}")
     return value
-
-
-NUMBER = (int, float)
 
 
 def _points(raw: Any, keys: Sequence[str], where: str) -> list[dict[str, float]]:
@@ -190,14 +192,14 @@ def parse_results(data: Any) -> Results:
     """Check a parsed results.json against schema version 1; any violation is one-line SummaryError."""
     if not isinstance(data, dict):
         raise SummaryError("results.json: the top level must be an object")
-    version = _get(data, "version", int, "the top level")
+    version = _get(data, "version", int)
     if version != SCHEMA_VERSION:
         raise SummaryError(
             f"results.json: schema version {version} is not supported (this tool reads {SCHEMA_VERSION})"
         )
-    validation = _get(data, "validation", (str, type(None)), "the top level")
+    validation = _get(data, "validation", (str, type(None)))
     benchmarks: dict[str, BenchmarkSpec] = {}
-    for name, raw in _get(data, "benchmarks", dict, "the top level").items():
+    for name, raw in _get(data, "benchmarks", dict).items():
         where = f"benchmarks.{name}"
         if not isinstance(raw, dict):
             raise SummaryError(f"results.json: {where} must be an object")
@@ -213,7 +215,7 @@ def parse_results(data: Any) -> Results:
             "it cannot also be a reported benchmark"
         )
     arms: dict[str, Arm] = {}
-    for name, raw in _get(data, "arms", dict, "the top level").items():
+    for name, raw in _get(data, "arms", dict).items():
         where = f"arms.{name}"
         if not isinstance(raw, dict):
             raise SummaryError(f"results.json: {where} must be an object")
@@ -226,7 +228,7 @@ def parse_results(data: Any) -> Results:
             _run(r, benchmarks, f"{where}.runs[{i}]") for i, r in enumerate(_get(raw, "runs", list, where))
         ]
         arms[name] = Arm(name, algorithm, _get(raw, "label", str, where), runs)
-    references = _get(data, "reference_arms", list, "the top level")
+    references = _get(data, "reference_arms", list)
     for ref in references:
         if ref not in arms:
             raise SummaryError(
@@ -234,9 +236,9 @@ def parse_results(data: Any) -> Results:
             )
     localization = data.get("localization")
     return Results(
-        name=_get(data, "name", str, "the top level"),
-        model=_get(data, "model", str, "the top level"),
-        max_samples=_get(_get(data, "budget", dict, "the top level"), "max_samples", int, "budget"),
+        name=_get(data, "name", str),
+        model=_get(data, "model", str),
+        max_samples=_get(_get(data, "budget", dict), "max_samples", int, "budget"),
         validation=validation,
         benchmarks=benchmarks,
         reference_arms=[str(ref) for ref in references],
@@ -312,11 +314,11 @@ def problem_order(results: Results, benchmark: str) -> list[str]:
 def run_problem_scores(outcomes: BenchmarkOutcomes, order: Sequence[str]) -> dict[str, np.ndarray]:
     """Per-problem avg@k and pass@k of one run, in ``order``."""
     row_of = dict(zip(outcomes.ids, outcomes.outcomes, strict=True))
-    n, k = outcomes.k, outcomes.k
+    k = outcomes.k  # every problem holds exactly k samples (checked on load)
     correct = [sum(row_of[i]) for i in order]
     return {
-        "avg": np.array([avg_at_k(n, c) for c in correct]),
-        "pass": np.array([pass_at_k(n, c, k) for c in correct]),
+        "avg": np.array([avg_at_k(k, c) for c in correct]),
+        "pass": np.array([pass_at_k(k, c, k) for c in correct]),
     }
 
 
@@ -531,8 +533,11 @@ def selection_table(results: Results) -> list[str]:
 
 def goal_lines(summary: Summary) -> list[str]:
     results = summary.results
-    sdzero = results.reference_arms[1] if len(results.reference_arms) > 1 else "(none)"
-    base = results.reference_arms[0] if results.reference_arms else "(none)"
+    if len(results.reference_arms) < 2:
+        return [
+            "Overall: **no**: reference_arms does not name the base arm and the SD-Zero arm (in that order)."
+        ]
+    base, sdzero = results.reference_arms[:2]
     lines = [
         f"Goal: SD-Zero (`{sdzero}`) at least +{GOAL_RELATIVE_GAIN:g} % relative avg@k over `{base}` "
         f"and above every {', '.join(BASELINES)} arm, each paired 95 % interval of the difference above 0.",
