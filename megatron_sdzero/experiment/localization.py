@@ -1,6 +1,6 @@
 """``sdzero localize``: token-level self-localization, where on a first answer the SD-Zero divergence sits.
 
-    sdzero localize teacher=outputs/srt/hf records=[outputs/srt/collect] device=cuda
+    sdzero localize teacher=outputs/sft/qwen3_4b_math/stage2 records=[outputs/srt/qwen3_4b_math] device=cuda
 
 At the start of Phase 2 the student and the teacher are the SRT model. The teacher reads
 x + body(y) + P_r + y and the student x + y (``distill.batch.build_batch``, the very batch Phase 2
