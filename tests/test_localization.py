@@ -325,3 +325,48 @@ def test_bad_inputs_are_one_line_errors(models, store, tokenizer, tmp_path, caps
         capsys, teacher, f"records=[{_store(tmp_path / 'bad', unverified)}]", out
     )
     assert "max_records" in _fail(capsys, teacher, f"records=[{store}]", "max_records=0")
+
+
+@pytest.mark.slow
+def test_a_megatron_teacher_is_exported_and_measures_the_same(models, store, tmp_path, capsys) -> None:
+    from megatron_sdzero.conversion.convert import hf_to_mcore
+
+    megatron = hf_to_mcore(models["teacher"], tmp_path / "mcore", tp=1, pp=1)
+    runs = {}
+    for name, teacher in (("hf", models["teacher"]), ("megatron", megatron)):
+        args = [f"teacher={teacher}", f"records=[{store}]", f"output_dir={tmp_path / name}", "progress=false"]
+        assert cli.main(["localize", *args]) == 0, capsys.readouterr().err
+        runs[name] = json.loads((tmp_path / name / "localization.json").read_text())
+    assert (tmp_path / "megatron" / "hf_teacher" / "model.safetensors").is_file()
+    for got, want in zip(runs["megatron"]["examples"], runs["hf"]["examples"], strict=True):
+        assert got["tokens"] == want["tokens"] and got["differing"] == want["differing"]
+        torch.testing.assert_close(torch.tensor(got["divergence"]), torch.tensor(want["divergence"]))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_measures_what_the_cpu_does(models, store, tmp_path, capsys) -> None:
+    runs = {}
+    for device, dtype in (("cpu", "float32"), ("cuda", "float32"), ("cuda", "bfloat16")):
+        out = tmp_path / f"{device}_{dtype}"
+        args = [f"teacher={models['teacher']}", f"student={models['student']}", f"records=[{store}]"]
+        args += [f"output_dir={out}", f"device={device}", f"dtype={dtype}", "progress=false"]
+        assert cli.main(["localize", *args]) == 0, capsys.readouterr().err
+        runs[device, dtype] = json.loads((out / "localization.json").read_text())
+    cpu, fp32, bf16 = runs["cpu", "float32"], runs["cuda", "float32"], runs["cuda", "bfloat16"]
+    for key in ("wrong", "correct"):
+        assert (
+            fp32["groups"][key]["sequences"]
+            == bf16["groups"][key]["sequences"]
+            == cpu["groups"][key]["sequences"]
+        )
+    for want, got32, got16 in zip(cpu["examples"], fp32["examples"], bf16["examples"], strict=True):
+        reference = torch.tensor(want["divergence"], dtype=torch.float64)
+        torch.testing.assert_close(
+            torch.tensor(got32["divergence"], dtype=torch.float64), reference, rtol=1e-4, atol=1e-5
+        )
+        low_precision = torch.tensor(got16["divergence"], dtype=torch.float64)
+        assert torch.isfinite(low_precision).all() and (low_precision >= -1e-12).all()
+        assert (
+            torch.corrcoef(torch.stack([low_precision, reference]))[0, 1] > 0.9
+        )  # bf16 logits: close, not equal
