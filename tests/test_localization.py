@@ -325,6 +325,10 @@ def test_bad_inputs_are_one_line_errors(models, store, tokenizer, tmp_path, caps
         capsys, teacher, f"records=[{_store(tmp_path / 'bad', unverified)}]", out
     )
     assert "max_records" in _fail(capsys, teacher, f"records=[{store}]", "max_records=0")
+    foreign = [{**r, "y_init_ids": [10**6, *r["y_init_ids"]]} for r in _records(tokenizer)]
+    assert "another model" in _fail(
+        capsys, teacher, f"records=[{_store(tmp_path / 'foreign', foreign)}]", out
+    )
 
 
 @pytest.mark.slow

@@ -518,9 +518,10 @@ def run_localization(config: LocalizeConfig) -> dict[str, Any]:
     )
     phrases = resolve_localize_phrases(config.phrases, loaded.phrases)
     tokenizer = AutoTokenizer.from_pretrained(str(teacher_dir))
+    vocabulary = _vocabulary(teacher_dir, student_dir)  # checked before any weights are loaded
+    _check_token_ids(loaded.pairs, vocabulary)
     teacher = load_model(teacher_dir, config)
     student = teacher if student_dir == teacher_dir else load_model(student_dir, config)
-    _check_same_vocabulary(teacher, student)
     localizer = Localizer(teacher, student, tokenizer, phrases, config)
     bar = progress_bar(total=len(loaded.pairs), unit="answer", desc="localize", enabled=config.progress)
     with bar:
@@ -546,10 +547,24 @@ def run_localization(config: LocalizeConfig) -> dict[str, Any]:
     return summary
 
 
-def _check_same_vocabulary(teacher: Any, student: Any) -> None:
-    widths = [m.get_output_embeddings().weight.shape[0] for m in (teacher, student)]
-    if widths[0] != widths[1]:
-        raise ConfigError(f"student: its vocabulary ({widths[1]}) is not the teacher's ({widths[0]})")
+def _vocabulary(teacher_dir: Path, student_dir: Path) -> int:
+    """The logit width both models share (their configs' vocab_size)."""
+    from transformers import AutoConfig
+
+    teacher, student = (AutoConfig.from_pretrained(str(d)).vocab_size for d in (teacher_dir, student_dir))
+    if teacher != student:
+        raise ConfigError(f"student: its vocabulary ({student} tokens) is not the teacher's ({teacher})")
+    return teacher
+
+
+def _check_token_ids(pairs: Sequence[Pair], vocabulary: int) -> None:
+    for pair in pairs:
+        largest = max(max(pair.y_ids), max(pair.revised_ids))
+        if largest >= vocabulary:
+            raise ConfigError(
+                f"records: problem {pair.problem_id} holds token id {largest}, beyond the teacher's "
+                f"{vocabulary}-token vocabulary: were the records collected with another model?"
+            )
 
 
 def summary_lines(summary: dict[str, Any]) -> Iterator[str]:
