@@ -270,14 +270,6 @@ class Sequenced:
             return "zero_divergence"
         return None
 
-    @property
-    def divergence_share(self) -> float:
-        return sequence_shares(self.divergences, self.differing)[0]
-
-    @property
-    def token_share(self) -> float:
-        return sequence_shares(self.divergences, self.differing)[1]
-
 
 def sequence_shares(divergences: Sequence[float], differing: Sequence[bool]) -> tuple[float, float]:
     """(sum of D_t on differing tokens / sum of D_t, differing tokens / tokens)."""
