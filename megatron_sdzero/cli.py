@@ -32,6 +32,10 @@ COMMANDS: dict[str, Command] = {
     "split-openr1": Command(
         "megatron_sdzero.data.split:main", "a held-out OpenR1-Math split, disjoint from training"
     ),
+    "localize": Command(
+        "megatron_sdzero.experiment.localization:main",
+        "where the Phase 2 divergence sits on a first answer (changed tokens vs the rest)",
+    ),
     "report": Command("megatron_sdzero.report:main", "PNG plots of a run (loss, reward, eval, time, tokens)"),
     "compare-report": Command(
         "megatron_sdzero.experiment.summary:main", "table and plots of a `sdzero compare` results.json"

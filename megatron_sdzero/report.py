@@ -161,26 +161,11 @@ def _phase(name: str) -> str:
 def token_plot(path: Path, sample: dict[str, Any], width_chars: int = 100) -> Path:
     """The response's tokens laid out as text, each on a background coloured by its divergence."""
     plt = _pyplot()
-    import matplotlib
-    from matplotlib import cm, colors
-
     tokens, values = sample["tokens"], [float(v) for v in sample["values"]]
-    rows = _layout(tokens, width_chars)
-    norm = colors.Normalize(vmin=min(values), vmax=max(max(values), min(values) + 1e-12))
-    cmap = matplotlib.colormaps["magma_r"]
-    height = 1.2 + 0.28 * max(len(rows), 1)
-    # A monospace glyph at 9 pt is ~0.075 in wide: size the axes so one data unit is one character.
-    fig, ax = plt.subplots(figsize=(width_chars * 0.075 / 0.82 + 0.4, height), dpi=100)
-    ax.set_xlim(0, width_chars)
-    ax.set_ylim(len(rows), 0)
-    ax.axis("off")
-    for row, line in enumerate(rows):
-        for col, index, text in line:
-            color = cmap(norm(values[index]))
-            ax.add_patch(plt.Rectangle((col, row + 0.1), len(text), 0.8, color=color, linewidth=0))
-            ink = "white" if norm(values[index]) > 0.6 else "black"
-            ax.text(col, row + 0.5, text, va="center", ha="left", family="monospace", fontsize=9, color=ink)
-    fig.colorbar(cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax, fraction=0.02, pad=0.01, label="divergence")
+    rows = len(_layout(tokens, width_chars))
+    height = 1.2 + 0.28 * max(rows, 1)
+    fig, ax = plt.subplots(figsize=(token_figure_width(width_chars), height), dpi=100)
+    draw_tokens(ax, tokens, values, width_chars)
     ax.set_title(
         f"per-token teacher-student divergence: step {sample.get('step')}, "
         f"problem {sample.get('problem_id')}, reward {sample.get('reward')}",
@@ -190,6 +175,43 @@ def token_plot(path: Path, sample: dict[str, Any], width_chars: int = 100) -> Pa
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def token_figure_width(width_chars: int) -> float:
+    """Inches for a text of ``width_chars`` columns: a 9 pt monospace glyph is ~0.075 in wide."""
+    return width_chars * 0.075 / 0.82 + 0.4
+
+
+def draw_tokens(
+    ax: Any,
+    tokens: Sequence[str],
+    values: Sequence[float],
+    width_chars: int = 100,
+    marked: Sequence[bool] | None = None,
+    label: str = "divergence",
+) -> int:
+    """Draw tokens as wrapped text on ``ax``, each on a background coloured by its value, with a
+    colour bar; tokens whose ``marked`` entry is true are underlined. Returns the number of rows."""
+    _pyplot()
+    import matplotlib
+    from matplotlib import cm, colors
+    from matplotlib.patches import Rectangle
+
+    rows = _layout(tokens, width_chars)
+    norm = colors.Normalize(vmin=min(values), vmax=max(max(values), min(values) + 1e-12))
+    cmap = matplotlib.colormaps["magma_r"]
+    ax.set_xlim(0, width_chars)  # one data unit is one character
+    ax.set_ylim(max(len(rows), 1), 0)
+    ax.axis("off")
+    for row, line in enumerate(rows):
+        for col, index, text in line:
+            ax.add_patch(Rectangle((col, row + 0.1), len(text), 0.8, color=cmap(norm(values[index])), lw=0))
+            ink = "white" if norm(values[index]) > 0.6 else "black"
+            ax.text(col, row + 0.5, text, va="center", ha="left", family="monospace", fontsize=9, color=ink)
+            if marked is not None and marked[index]:
+                ax.plot([col, col + len(text)], [row + 0.93, row + 0.93], color="tab:cyan", lw=2)
+    ax.figure.colorbar(cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax, fraction=0.02, pad=0.01, label=label)
+    return len(rows)
 
 
 def _layout(tokens: Sequence[str], width: int) -> list[list[tuple[int, int, str]]]:

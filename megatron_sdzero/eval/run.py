@@ -110,13 +110,16 @@ def is_megatron_checkpoint(path: Path) -> bool:
 
 def hf_model_dir(config: EvalConfig) -> Path:
     """The HF directory the engine loads: the model path, or its export if it is a Megatron checkpoint."""
-    path = Path(config.model.path)
+    return exported_hf_dir(Path(config.model.path), config.output.export_dir or config.output_dir / "hf")
+
+
+def exported_hf_dir(path: Path, export_dir: Path) -> Path:
+    """``path`` itself, or, when it is a Megatron checkpoint, its HF export written to ``export_dir``."""
     if not path.is_dir() or not is_megatron_checkpoint(path):
         return path
     from megatron_sdzero.conversion.convert import mcore_to_hf
 
-    export = config.output.export_dir or config.output_dir / "hf"
-    return mcore_to_hf(path, export, overwrite=True)
+    return mcore_to_hf(path, export_dir, overwrite=True)
 
 
 def prepare(config: EvalConfig) -> list[BenchmarkRun]:

@@ -72,12 +72,17 @@ def resolve_paths(config: SRTConfig) -> tuple[list[Path], Path]:
 def read_tuples(inputs: Iterable[Path]) -> Iterator[dict]:
     """Committed tuples of collection directories (as state.json records them) or JSONL files."""
     for path in inputs:
-        if path.is_dir():
-            yield from open_committed(path).tuples()
-        elif path.is_file():
-            yield from read_jsonl(path)
-        else:
-            raise ConfigError(f"prepare.inputs: {path} does not exist")
+        yield from tuples_of(path, "prepare.inputs")
+
+
+def tuples_of(path: Path, key: str) -> Iterator[dict]:
+    """The committed tuples of one collection directory or tuples.jsonl file (``key``: the setting)."""
+    if path.is_dir():
+        yield from open_committed(path).tuples()
+    elif path.is_file():
+        yield from read_jsonl(path)
+    else:
+        raise ConfigError(f"{key}: {path} does not exist")
 
 
 def write_jsonl_atomic(path: Path, records: Iterable[dict]) -> None:
