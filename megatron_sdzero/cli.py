@@ -37,6 +37,9 @@ COMMANDS: dict[str, Command] = {
         "where the Phase 2 divergence sits on a first answer (changed tokens vs the rest)",
     ),
     "report": Command("megatron_sdzero.report:main", "PNG plots of a run (loss, reward, eval, time, tokens)"),
+    "compare": Command(
+        "megatron_sdzero.experiment.compare:main", "train, select and evaluate every arm of a comparison"
+    ),
     "compare-report": Command(
         "megatron_sdzero.experiment.summary:main", "table and plots of a `sdzero compare` results.json"
     ),

@@ -234,7 +234,8 @@ def save(run: Run, skipped_total: int) -> None:
         },
     )  # fmt: skip
     if dist.get_rank() == 0:
-        prune_checkpoints(config.run_dir, run.scores, config.schedule.keep_best)
+        if run.eval_problems:  # without in-loop scores, checkpoint.keep_last alone decides what stays
+            prune_checkpoints(config.run_dir, run.scores, config.schedule.keep_best)
         run.ledger.write(config.run_dir, config.budget)
     parallel.barrier()
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch.distributed as dist
@@ -21,9 +22,11 @@ import torch.distributed as dist
 from megatron_sdzero.algorithms.onpolicy import OnPolicyModule, check_start, close, prune_checkpoints, setup
 from megatron_sdzero.config import run_config_command
 from megatron_sdzero.distill.config import DistillConfig
-from megatron_sdzero.training.trainer import Hooks, Schedule, Trainer, exit_request_for
+from megatron_sdzero.training.trainer import Hooks, LoopResult, Schedule, Trainer, exit_request_for
 
 __all__ = ["Hooks", "check_start", "distill", "main", "prune_checkpoints"]
+
+FINISHED = "finished.json"  # written when a run reached its last step or its budget
 
 
 def distill(config: DistillConfig, hooks: Hooks | None = None) -> dict[str, Any]:
@@ -43,9 +46,20 @@ def distill(config: DistillConfig, hooks: Hooks | None = None) -> dict[str, Any]
         result = trainer.fit(run.step, skipped)
         if dist.get_rank() == 0:
             run.ledger.write(config.run_dir, config.budget)
+            if result.finished:
+                write_finished(config.run_dir, result)
         return result.last
     finally:
         close(run)
+
+
+def write_finished(run_dir: Path, result: LoopResult) -> None:
+    """``RUN_DIR/finished.json``: the run reached its last step or its budget (not a stop request),
+    so a pipeline can tell a finished run from one that is only checkpointed."""
+    record = {"iteration": result.iteration, "exit_reason": result.exit_reason, "last": result.last}
+    tmp = run_dir / f".{FINISHED}.tmp"
+    tmp.write_text(json.dumps(record, indent=2, default=str) + "\n")
+    tmp.replace(run_dir / FINISHED)
 
 
 def command(algorithm: str | None) -> Any:

@@ -399,6 +399,9 @@ def goal_check(summary: Summary, benchmark: str) -> Goal:
     if len(results.reference_arms) < 2:
         return Goal(benchmark, False, ["reference_arms names no SD-Zero arm (needs [base, sdzero])"])
     base, sdzero = results.reference_arms[:2]
+    if results.arms[sdzero].algorithm != "sdzero":
+        kind = results.arms[sdzero].algorithm
+        return Goal(benchmark, False, [f"reference arm {sdzero!r} is a {kind} arm, not SD-Zero"])
     scores = summary.scores[benchmark]
     if sdzero not in scores:
         return Goal(benchmark, False, [f"SD-Zero arm {sdzero!r} has no done run"])
@@ -423,7 +426,7 @@ def goal_check(summary: Summary, benchmark: str) -> Goal:
             met = False
             reasons.append(f"no done {algorithm} run to compare with")
         for arm in arms:
-            if arm.name not in scores:
+            if arm.name not in scores or arm.name == sdzero:
                 continue
             diff = _reverse(summary, benchmark, sdzero, arm.name)
             above = diff.ci[0] > 0
