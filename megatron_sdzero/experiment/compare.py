@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from megatron_sdzero.config import ConfigError, load_config, run_config_command, to_dict
+from megatron_sdzero.data.formatting import ControlPhrases
 
 RESULT_FILE = "result.json"
 RESULTS_FILE = "results.json"
@@ -66,6 +67,9 @@ class ArmConfig:
     checkpoints: str | None = None  # the run directory holding the arm's iter_* checkpoints
     metrics: str | None = None  # its metrics.jsonl (samples_generated_total per step)
     budget: str | None = None  # its budget.json (what the arm spent, Phase 1 included)
+    # Also measure generation and revision accuracy of every candidate on the validation problems
+    # (answer, grade, append P_r, revise, grade): the paper's iterative self-evolution, over training.
+    evolution: bool = False
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", self.name):
@@ -87,6 +91,8 @@ class CompareEval:
     recipe: str  # an `sdzero eval` recipe listing the validation and the reported benchmarks
     validation: str  # the benchmark that selects checkpoints
     overrides: list[str] = field(default_factory=list)
+    phrases: ControlPhrases = field(default_factory=ControlPhrases)  # P_r for evolution (family defaults)
+    revision_samples: int = 2  # first answers per validation problem for the evolution measurement
 
 
 @dataclass
@@ -157,6 +163,8 @@ def run_stage(config: CompareConfig, stage: StageConfig, values: dict[str, str],
         out.flush()
         status = subprocess.run(command, env=env, stdout=out, stderr=subprocess.STDOUT).returncode
     seconds = time.perf_counter() - began
+    if stop_requested():
+        raise StopRequested(f"stage {stage.name} stopped on request after {seconds:.0f} s")
     if status != 0:
         last = next((line for line in reversed(log.read_text().splitlines()) if line.strip()), "")
         raise StageFailed(
@@ -171,6 +179,15 @@ def run_stage(config: CompareConfig, stage: StageConfig, values: dict[str, str],
 
 class StageFailed(RuntimeError):
     pass
+
+
+class StopRequested(RuntimeError):
+    """$SDZERO_STOP_FILE exists (Slurm's warning before the time limit): the stage saved and exited."""
+
+
+def stop_requested() -> bool:
+    stop = os.environ.get("SDZERO_STOP_FILE")
+    return bool(stop) and Path(stop).exists()
 
 
 def candidates(arm: ArmConfig, values: dict[str, str]) -> list[tuple[int, str]]:
@@ -234,6 +251,10 @@ def run_arm(config: CompareConfig, arm: ArmConfig, seed: int) -> dict[str, Any]:
             c["validation"] for c in curve if c["step"] == selected_step)},
         "curve": curve, "benchmarks": evaluation["benchmarks"],
     }  # fmt: skip
+    if evaluation.get("evolution"):
+        record["evolution"] = [
+            {**point, "samples": by_step.get(point["step"], total)} for point in evaluation["evolution"]
+        ]
     _write_json(result_path, record)
     if not config.keep_checkpoints and arm.checkpoints:
         for _, path in candidates(arm, values)[1:]:
@@ -253,6 +274,8 @@ def evaluate_arm(
         "recipe": config.eval.recipe, "overrides": config.eval.overrides,
         "validation": config.eval.validation, "family": config.model.family,
         "candidates": candidates(arm, values), "output_dir": str(run_dir / "eval"),
+        "evolution": arm.evolution, "phrases": to_dict(config.eval.phrases),
+        "revision_samples": config.eval.revision_samples,
     }  # fmt: skip
     if not config.isolate_eval:
         return evaluate_candidates(spec)
@@ -300,11 +323,14 @@ def evaluate_candidates(spec: dict[str, Any]) -> dict[str, Any]:
         return run_eval(config, engine=engine)["benchmarks"]
 
     try:
-        curve = []
+        curve, evolution = [], []
         for step, path in spec["candidates"]:
             summary = evaluate(step, path, check, out / f"step_{step:07d}")[validation]
             curve.append((step, summary[f"avg@{summary['k']}"]))
             print(f"[compare]   validation at step {step}: {curve[-1][1]:.4f}", flush=True)
+            if spec.get("evolution"):
+                evolution.append({"step": step, **self_revision(engine, base, check[0], spec)})
+                print(f"[compare]   evolution at step {step}: {evolution[-1]}", flush=True)
         best_step, _ = max(curve, key=lambda c: (c[1], -c[0]))  # the earliest of the best
         best_path = dict((s, p) for s, p in spec["candidates"])[best_step]
         evaluate(best_step, best_path, reported, out / "selected")
@@ -315,11 +341,36 @@ def evaluate_candidates(spec: dict[str, Any]) -> dict[str, Any]:
             shutil.rmtree(export, ignore_errors=True)
     result = {
         "curve": curve,
+        "evolution": evolution,
         "selected": {"checkpoint": best_path, "step": best_step},
         "benchmarks": {b.name: outcomes(out / "selected" / f"{b.name}.jsonl") for b in reported},
     }
     _write_json(out / "evaluation.json", result)
     return result
+
+
+def self_revision(engine: Any, base: Any, benchmark: Any, spec: dict[str, Any]) -> dict[str, float]:
+    """Generation and revision accuracy of the engine's weights on the validation problems: Phase 1's
+    collection (every first answer revised, with the phrase its grade selects), counted, not kept."""
+    from megatron_sdzero.data.formatting import ChatFormat, resolve_phrases
+    from megatron_sdzero.data.problems import load_problems
+    from megatron_sdzero.rewards import RewardConfig, build_reward
+    from megatron_sdzero.srt.collector import CollectConfig, Collector
+
+    problems, _ = load_problems(benchmark.problems)
+    phrases = resolve_phrases(spec["family"], ControlPhrases(**spec["phrases"]))
+    collect = CollectConfig(
+        num_responses=spec["revision_samples"], num_revisions=1, revise_correct=True, progress=False
+    )
+    sampling = benchmark.sampling_params(base.sampling)
+    reward = RewardConfig(mode=benchmark.mode, math=base.reward.math, code=base.reward.code)
+    with build_reward(reward) as grader:
+        collector = Collector(
+            engine, grader, ChatFormat(engine.tokenizer), phrases, sampling, collect, base.prompt,
+            max_model_len=base.rollout.max_model_len,
+        )  # fmt: skip
+        counters = collector.run_batch(problems).counters
+    return {"generation": counters.init_accuracy, "revision": counters.revised_accuracy}
 
 
 def outcomes(log: Path) -> dict[str, Any]:
@@ -370,9 +421,14 @@ def run_compare(config: CompareConfig) -> int:
     failed = []
     for arm in chosen:
         for seed in config.seeds:
-            if run_arm(config, arm, seed)["status"] != "done":
-                failed.append(f"{arm.name}/seed{seed}")
-            _write_json(config.root / RESULTS_FILE, results(config))
+            try:
+                if run_arm(config, arm, seed)["status"] != "done":
+                    failed.append(f"{arm.name}/seed{seed}")
+            except StopRequested as err:
+                print(f"[compare] {arm.name} seed {seed}: {err}; rerun to continue", flush=True)
+                return 0
+            finally:
+                _write_json(config.root / RESULTS_FILE, results(config))
     digests = {
         run.get("questions_digest")
         for arm in results(config)["arms"].values() for run in arm["runs"] if run.get("questions_digest")

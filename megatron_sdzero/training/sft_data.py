@@ -177,9 +177,10 @@ def make_plan(
         rows.extend(epoch_rows(lengths, data, seed, epoch))
         epoch += 1
     iters = len(rows) // global_batch_size if train_iters is None else train_iters
-    if iters < 1:
-        raise ValueError(
+    if iters < 1:  # a user's data/config mismatch (e.g. a stage file with fewer samples than a batch)
+        raise ConfigError(
             f"{len(rows)} rows make no global batch of {global_batch_size}: lower train.global_batch_size"
+            " or give more data"
         )
     return DataPlan(
         rows=rows[: iters * global_batch_size],
