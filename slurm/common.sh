@@ -80,14 +80,26 @@ sdzero_srun_torchrun() {
     bash -c 'exec "$0" --node-rank "${SLURM_NODEID:?}" "$@"' "${SDZERO_TORCHRUN:-torchrun}" \
     --nnodes "$NNODES" --nproc-per-node "$GPUS_PER_NODE" \
     --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT" "$@" &
-  local pid=$!
-  # A trapped signal interrupts `wait`; keep waiting until srun itself has finished.
-  local status=0
+  sdzero_wait $!
+}
+
+sdzero_wait() {  # sdzero_wait PID: the background process's exit status
+  # A trapped signal interrupts `wait` (status > 128): wait again while the process runs; if it ended
+  # in the meantime, one more `wait` returns its real status (127: it was the status already).
+  local pid=$1 status again
   while true; do
-    wait "$pid" && status=0 || status=$?
-    kill -0 "$pid" 2>/dev/null || break
+    status=0
+    wait "$pid" || status=$?
+    if ((status > 128)) && kill -0 "$pid" 2>/dev/null; then
+      continue
+    fi
+    if ((status > 128)); then
+      again=0
+      wait "$pid" 2>/dev/null || again=$?
+      ((again == 127)) || status=$again
+    fi
+    return "$status"
   done
-  return "$status"
 }
 
 sdzero_requeue_if_asked() {
