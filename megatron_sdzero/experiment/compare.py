@@ -166,9 +166,8 @@ def run_stage(config: CompareConfig, stage: StageConfig, values: dict[str, str],
     if stop_requested():
         raise StopRequested(f"stage {stage.name} stopped on request after {seconds:.0f} s")
     if status != 0:
-        last = next((line for line in reversed(log.read_text().splitlines()) if line.strip()), "")
         raise StageFailed(
-            f"stage {stage.name} exited with status {status} after {seconds:.0f} s: {last.strip()[:300]} "
+            f"stage {stage.name} exited with status {status} after {seconds:.0f} s: {_last_line(log)} "
             f"(log: {log})"
         )
     if not done.exists():
@@ -232,7 +231,7 @@ def run_arm(config: CompareConfig, arm: ArmConfig, seed: int) -> dict[str, Any]:
         began = time.perf_counter()
         evaluation = evaluate_arm(config, arm, values, run_dir)
         seconds += time.perf_counter() - began
-    except (StageFailed, ConfigError, subprocess.CalledProcessError) as err:
+    except (StageFailed, ConfigError) as err:
         print(f"[compare] {arm.name} seed {seed}: FAILED: {err}", file=sys.stderr, flush=True)
         record = {**record, "status": "failed", "error": str(err), "seconds": seconds}
         _write_json(result_path, record)
@@ -281,12 +280,19 @@ def evaluate_arm(
         return evaluate_candidates(spec)
     spec_path, out_path = run_dir / "eval_spec.json", run_dir / "eval" / "evaluation.json"
     _write_json(spec_path, spec)
-    with (run_dir / "stages.log").open("a") as log:
-        subprocess.run(
+    log = run_dir / "stages.log"
+    with log.open("a") as out:
+        status = subprocess.run(
             [config.python, "-m", "megatron_sdzero.experiment.compare", str(spec_path)],
-            stdout=log, stderr=subprocess.STDOUT, check=True,
-        )  # fmt: skip
+            stdout=out, stderr=subprocess.STDOUT,
+        ).returncode  # fmt: skip
+    if status != 0:
+        raise StageFailed(f"evaluation exited with status {status}: {_last_line(log)} (log: {log})")
     return json.loads(out_path.read_text())
+
+
+def _last_line(log: Path) -> str:
+    return next((line.strip() for line in reversed(log.read_text().splitlines()) if line.strip()), "")[:300]
 
 
 # --- evaluation: validation on every candidate, the reported benchmarks on the best ---------------
