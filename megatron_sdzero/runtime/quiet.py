@@ -30,6 +30,8 @@ _LOG_MESSAGES = (
     ("megatron.core.distributed.distributed_data_parallel", "DistributedDataParallel: full_param_layout not"),
     # transformers' generate passes the old cache argument to its own models.
     ("transformers.utils.generic", "`past_key_values`/`cache_params` are deprecated"),
+    # Said on every machine without CUDA, often before the CPU is known to be the device here.
+    ("torch.utils.cpp_extension", "No CUDA runtime is found"),
 )
 
 # Starts of warnings.warn messages that are known and harmless here.
