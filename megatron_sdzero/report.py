@@ -331,6 +331,25 @@ def _safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "._-" else "_" for c in name)
 
 
+def write_run_report(run_dir: Path) -> Path | None:
+    """The PNGs of a run that just ended, into RUN_DIR/report; the directory, or None if none was drawn.
+
+    Training has finished by now, so a plot that fails is reported in one line, never raised.
+    """
+    out = run_dir / "report"
+    try:
+        report = build_report(run_dir, out)
+    except Exception as err:  # noqa: BLE001 - the run's results are saved; only its pictures are missing
+        print(f"report: no PNGs for {run_dir} ({type(err).__name__}: {err}); try sdzero report {run_dir}")
+        return None
+    if not report.pngs:
+        return None
+    print(
+        f"report: {len(report.pngs)} PNG(s) in {out} ({', '.join(p.name for p in report.pngs)})", flush=True
+    )
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="sdzero report", description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dir", type=Path, help="a run directory (holds metrics.jsonl)")

@@ -134,7 +134,7 @@ def _evaluate(expression: str) -> float:
     return walk(ast.parse(expression, mode="eval").body)
 
 
-@pytest.mark.parametrize("difficulty", [1, 2])
+@pytest.mark.parametrize("difficulty", [0, 1, 2])
 def test_arithmetic_answers_are_right(difficulty: int) -> None:
     rows = make_arithmetic_problems(200, seed=3, difficulty=difficulty)
     assert len({r["problem"] for r in rows}) == 200

@@ -34,10 +34,18 @@ def test_known_warnings_reach_the_log_file_not_the_console(routed, capsys):
     routed.mkdir()  # ... and created by the run, not by the log
     warnings.warn("`past_key_values` is deprecated and will be removed", FutureWarning, stacklevel=1)
     logging.getLogger("megatron.core.models.gpt.gpt_model").warning("GPTModel IS DEPRECATED, use ...")
+    logging.getLogger("torch.utils.cpp_extension").warning("No CUDA runtime is found, using CUDA_HOME=...")
+    logging.getLogger("transformers.utils.generic").warning(
+        "`past_key_values`/`cache_params` are deprecated."
+    )
+    logging.getLogger("megatron.core.distributed.distributed_data_parallel").warning(
+        "DistributedDataParallel: full_param_layout not provided with use_distributed_optimizer=True."
+    )
     warnings.warn("something new and unexpected", UserWarning, stacklevel=1)
     err = capsys.readouterr().err
     assert "something new and unexpected" in err
     assert "Apex" not in err and "past_key_values" not in err and "GPTModel" not in err
+    assert "full_param_layout" not in err and "cache_params" not in err and "No CUDA runtime" not in err
     log = (routed / quiet.LOG_NAME).read_text()
     assert (
         "Transformer Engine and Apex" in log and "past_key_values" in log and "GPTModel IS DEPRECATED" in log
@@ -76,3 +84,13 @@ def test_progress_bars_only_on_a_terminal_and_rank_zero():
     assert not progress_bar(range(3), rank=0, file=_Terminal()).disable
     assert progress_bar(range(3), rank=1, file=_Terminal()).disable
     assert progress_bar(range(3), rank=0, enabled=False, file=_Terminal()).disable
+
+
+def test_hugging_face_progress_bars_are_off_when_not_a_tty(monkeypatch):
+    monkeypatch.delenv("HF_HUB_DISABLE_PROGRESS_BARS", raising=False)
+    monkeypatch.delenv(quiet.VERBOSE_ENV, raising=False)
+    monkeypatch.setattr(quiet, "_installed", False)
+    monkeypatch.setattr(sys, "stderr", io.StringIO())  # what a Slurm log or a pipe looks like
+    monkeypatch.setattr(warnings, "showwarning", warnings.showwarning)  # restored after the install
+    quiet.quiet_known_messages(cpu=False)
+    assert quiet.os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "1"

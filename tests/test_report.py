@@ -118,3 +118,19 @@ def test_a_directory_with_nothing_to_plot_is_a_one_line_error(tmp_path, capsys):
 def test_token_layout_wraps_and_breaks_lines():
     rows = _layout(["ab", "cd\nef", "g" * 5], width=6)
     assert rows == [[(0, 0, "ab"), (2, 1, "cd")], [(0, 1, "ef")], [(0, 2, "ggggg")]]
+
+
+def test_a_run_that_ends_writes_its_pngs_and_a_plot_failure_is_one_line(tmp_path, capsys):
+    from megatron_sdzero.report import write_run_report
+
+    run = tmp_path / "run"
+    _distill_run(run, steps=4, seed=3)
+    assert write_run_report(run) == run / "report"
+    for name in ("loss.png", "reward.png", "eval.png", "step_time.png"):
+        assert (run / "report" / name).read_bytes().startswith(PNG_MAGIC), name
+    assert capsys.readouterr().out.startswith(f"report: 4 PNG(s) in {run / 'report'}")
+
+    (tmp_path / "empty").mkdir()
+    assert write_run_report(tmp_path / "empty") is None
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and out[0].startswith("report: no PNGs for") and "sdzero report" in out[0]

@@ -69,6 +69,17 @@ def _config(recipe: dict) -> SFTConfig:
     return from_dict(SFTConfig, recipe)
 
 
+def _logged_iteration(run_dir: Path) -> int:
+    """The last iteration in metrics.jsonl so far (0 before its first line; a torn line is skipped)."""
+    path, last = run_dir / "metrics.jsonl", 0
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            last = max(last, json.loads(line)["iteration"])
+        except (json.JSONDecodeError, KeyError):
+            continue
+    return last
+
+
 def _losses(run_dir: Path) -> dict[int, float]:
     """Loss per iteration; after a crash an iteration may be logged twice: the resumed run's counts."""
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -117,7 +128,7 @@ def _run_sft_signalled(config: SFTConfig, run_dir: str, iteration: int, signum: 
     import threading
 
     def watch() -> None:
-        while not (Path(run_dir) / "metrics.jsonl").is_file() or max(_losses(Path(run_dir))) < iteration:
+        while _logged_iteration(Path(run_dir)) < iteration:
             time.sleep(0.02)
         os.kill(os.getpid(), signum)
 
@@ -129,7 +140,7 @@ def _wait_for_iteration(process: subprocess.Popen, run_dir: Path, iteration: int
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         assert process.poll() is None, log.read_text()[-3000:]
-        if (run_dir / "metrics.jsonl").is_file() and max(_losses(run_dir)) >= iteration:
+        if _logged_iteration(run_dir) >= iteration:
             return
         time.sleep(0.05)
     process.kill()

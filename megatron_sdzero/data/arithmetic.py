@@ -1,6 +1,7 @@
 """Seeded integer-answer math problems, so GPU and demo runs need no internet.
 
-Difficulty 1: one operation on small numbers. 2: a two-operation expression with parentheses.
+Difficulty 0: a sum or difference of numbers up to 20 (the CPU demo's toy task: a tiny model learns
+it in a minute). 1: one operation on small numbers. 2: a two-operation expression with parentheses.
 3: a short GSM-style word problem (two or three steps). Every answer is an integer, problems are
 unique within a call, and the same (n, seed, difficulty) always gives the same list. Each row also
 carries a short worked ``solution`` ending in ``\boxed{answer}`` (a demonstration for SDFT); it is
@@ -49,6 +50,15 @@ def write_arithmetic_problems(path: str | Path, n: int, seed: int = 0, difficult
     rows = make_arithmetic_problems(n, seed, difficulty)
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return path
+
+
+def _small_sum_or_difference(rng: random.Random) -> tuple[str, int, str]:
+    a, b = rng.randint(0, 20), rng.randint(0, 20)
+    op = rng.choice("+-")
+    if op == "-" and b > a:
+        a, b = b, a
+    answer = a + b if op == "+" else a - b
+    return f"What is {a} {op} {b}?", answer, f"{a} {op} {b} = {answer}."
 
 
 def _one_operation(rng: random.Random) -> tuple[str, int, str]:
@@ -118,6 +128,7 @@ def _word_problem(rng: random.Random) -> tuple[str, int, str]:
 
 
 GENERATORS: dict[int, Callable[[random.Random], tuple[str, int, str]]] = {
+    0: _small_sum_or_difference,
     1: _one_operation,
     2: _two_operations,
     3: _word_problem,

@@ -22,6 +22,7 @@ import torch.distributed as dist
 from megatron_sdzero.algorithms.onpolicy import OnPolicyModule, check_start, close, prune_checkpoints, setup
 from megatron_sdzero.config import run_config_command
 from megatron_sdzero.distill.config import DistillConfig
+from megatron_sdzero.report import write_run_report
 from megatron_sdzero.training.trainer import Hooks, LoopResult, Schedule, Trainer, exit_request_for
 
 __all__ = ["Hooks", "check_start", "distill", "main", "prune_checkpoints"]
@@ -46,6 +47,7 @@ def distill(config: DistillConfig, hooks: Hooks | None = None) -> dict[str, Any]
         result = trainer.fit(run.step, skipped)
         if dist.get_rank() == 0:
             run.ledger.write(config.run_dir, config.budget)
+            write_run_report(config.run_dir)
             if result.finished:
                 write_finished(config.run_dir, result)
         return result.last

@@ -26,6 +26,12 @@ LOG_NAME = "third_party.log"
 _LOG_MESSAGES = (
     ("megatron.core.models.gpt.gpt_model", "GPTModel IS DEPRECATED"),  # GPTModel still works in 0.19
     ("megatron.core.dist_checkpointing.strategies.torch", "MCore's async save is deprecated"),  # we save sync
+    # Megatron computes the layout itself when it is not given, as it does for every caller today.
+    ("megatron.core.distributed.distributed_data_parallel", "DistributedDataParallel: full_param_layout not"),
+    # transformers' generate passes the old cache argument to its own models.
+    ("transformers.utils.generic", "`past_key_values`/`cache_params` are deprecated"),
+    # Said on every machine without CUDA, often before the CPU is known to be the device here.
+    ("torch.utils.cpp_extension", "No CUDA runtime is found"),
 )
 
 # Starts of warnings.warn messages that are known and harmless here.
@@ -116,6 +122,10 @@ def quiet_known_messages(cpu: bool) -> None:
     global _installed
     if not _installed:
         _installed = True
+        if not sys.stderr.isatty() and not _verbose():
+            # Hugging Face's own bars (loading and writing weights) follow ours: off when not a TTY.
+            # Read when huggingface_hub is imported, so set before any command imports it.
+            os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
         atexit.register(_flush)
         for name, prefix in _LOG_MESSAGES:
             logging.getLogger(name).addFilter(_RouteMessage(prefix))

@@ -24,6 +24,7 @@ from megatron_sdzero.checks import check_output_dir, phrases_of_records, write_p
 from megatron_sdzero.config import ConfigError, run_config_command, to_dict, to_yaml
 from megatron_sdzero.conversion.megatron_io import ModelMeta, resolve_checkpoint
 from megatron_sdzero.models.builder import ModelConfig, padded_vocab_size, use_transformer_engine
+from megatron_sdzero.report import write_run_report
 from megatron_sdzero.runtime.distributed import ParallelConfig
 from megatron_sdzero.training import checkpoint
 from megatron_sdzero.training.config import CheckpointConfig, LoggingConfig, TrainConfig
@@ -328,6 +329,7 @@ def _mark_finished(stage: Stage, result: LoopResult, seconds: float) -> None:
         seconds=seconds,
     )
     (stage.run_dir / FINISHED).write_text(json.dumps(record, indent=2) + "\n")
+    write_run_report(stage.run_dir)
 
 
 def run_sft(config: SFTConfig) -> int:
