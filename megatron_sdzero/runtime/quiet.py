@@ -50,6 +50,9 @@ _KNOWN_WARNINGS = (
     "Please use DTensor instead and we are deprecating ShardedTensor",  # torch, via dist_checkpointing
     "torch.distributed is disabled, unavailable or uninitialized, assuming the intent is to",  # conversion
     "The argument order of load has been changed",  # torch.distributed.checkpoint's notice
+    # Megatron's distributed optimizer zeroes .grad on its fp32 shard views (non-leaf tensors); its
+    # own source marks that group "throws grad-access warning" (distrib_optimizer.zero_grad)
+    "The .grad attribute of a Tensor that is not a leaf Tensor is being accessed",
 )
 _KNOWN = re.compile("|".join(re.escape(m) for m in _KNOWN_WARNINGS))
 
