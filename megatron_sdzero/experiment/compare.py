@@ -281,11 +281,17 @@ def evaluate_arm(
     spec_path, out_path = run_dir / "eval_spec.json", run_dir / "eval" / "evaluation.json"
     _write_json(spec_path, spec)
     log = run_dir / "stages.log"
+    start = log.stat().st_size if log.exists() else 0
     with log.open("a") as out:
         status = subprocess.run(
             [config.python, "-m", "megatron_sdzero.experiment.compare", str(spec_path)],
             stdout=out, stderr=subprocess.STDOUT,
         ).returncode  # fmt: skip
+    with log.open("rb") as written:  # the evaluation's own progress lines, on the console too
+        written.seek(start)
+        for line in written.read().decode(errors="replace").splitlines():
+            if line.startswith("[compare]"):
+                print(line, flush=True)
     if status != 0:
         raise StageFailed(f"evaluation exited with status {status}: {_last_line(log)} (log: {log})")
     return json.loads(out_path.read_text())
