@@ -121,6 +121,14 @@ def _pyplot():
     return plt
 
 
+def save_figure(fig: Any, path: Path) -> Path:
+    """Lay out, write and close a figure (closing frees it: reports draw many)."""
+    fig.tight_layout()
+    fig.savefig(path)
+    _pyplot().close(fig)
+    return path
+
+
 def line_plot(path: Path, title: str, ylabel: str, lines: Sequence[Series]) -> Path:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
@@ -129,10 +137,7 @@ def line_plot(path: Path, title: str, ylabel: str, lines: Sequence[Series]) -> P
     ax.set(title=title, xlabel="iteration", ylabel=ylabel)
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def step_time_plot(path: Path, times: dict[str, Series]) -> Path:
@@ -148,10 +153,7 @@ def step_time_plot(path: Path, times: dict[str, Series]) -> Path:
         bottom = [b + h for b, h in zip(bottom, heights, strict=True)]
     ax.set(title="step time split", xlabel="iteration", ylabel="seconds (max over ranks)")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def _phase(name: str) -> str:
@@ -171,10 +173,7 @@ def token_plot(path: Path, sample: dict[str, Any], width_chars: int = 100) -> Pa
         f"problem {sample.get('problem_id')}, reward {sample.get('reward')}",
         fontsize=9,
     )
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def token_figure_width(width_chars: int) -> float:

@@ -436,7 +436,7 @@ def _example(r: Sequenced, tokenizer: Any) -> dict[str, Any]:
 
 def plot_examples(path: Path, samples: Sequence[dict[str, Any]], width_chars: int = 100) -> Path:
     """One panel per example: a window of its tokens coloured by D_t, differing tokens underlined."""
-    from megatron_sdzero.report import _layout, _pyplot, draw_tokens, token_figure_width
+    from megatron_sdzero.report import _layout, _pyplot, draw_tokens, save_figure, token_figure_width
 
     plt = _pyplot()
     windows = [_window(s, PLOT_TOKENS) for s in samples]
@@ -458,10 +458,7 @@ def plot_examples(path: Path, samples: Sequence[dict[str, Any]], width_chars: in
             f"{sample['token_share']:.3f} (underlined: changed by the revision)",
             fontsize=8,
         )
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def _window(sample: dict[str, Any], size: int) -> tuple[int, int]:

@@ -648,7 +648,7 @@ def _colors(results: Results) -> dict[str, Any]:
 
 def accuracy_plot(summary: Summary, path: Path) -> Path:
     """avg@k per arm with its 95 % interval, one panel per benchmark."""
-    from megatron_sdzero.report import _pyplot
+    from megatron_sdzero.report import _pyplot, save_figure
 
     plt = _pyplot()
     results, colors = summary.results, _colors(summary.results)
@@ -669,10 +669,7 @@ def accuracy_plot(summary: Summary, path: Path) -> Path:
         ax.grid(axis="y", alpha=0.3)
     if summary.missing:
         fig.text(0.01, 0.01, "missing: " + ", ".join(arm.label for arm in summary.missing), fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def samples_plot(summary: Summary, path: Path) -> Path | None:
@@ -681,7 +678,7 @@ def samples_plot(summary: Summary, path: Path) -> Path | None:
     runs = [(arm, run) for arm in results.arms.values() for run in arm.done if run.curve]
     if not runs:
         return None
-    from megatron_sdzero.report import _pyplot
+    from megatron_sdzero.report import _pyplot, save_figure
 
     plt, colors = _pyplot(), _colors(results)
     fig, ax = plt.subplots(figsize=(8, 4.5))
@@ -704,10 +701,7 @@ def samples_plot(summary: Summary, path: Path) -> Path | None:
     )
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def evolution_plot(summary: Summary, path: Path) -> Path | None:
@@ -715,7 +709,7 @@ def evolution_plot(summary: Summary, path: Path) -> Path | None:
     arms = [arm for arm in summary.results.arms.values() if any(run.evolution for run in arm.done)]
     if not arms:
         return None
-    from megatron_sdzero.report import _pyplot
+    from megatron_sdzero.report import _pyplot, save_figure
 
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(arms), figsize=(5 * len(arms), 4.5), squeeze=False, sharey=True)
@@ -735,10 +729,7 @@ def evolution_plot(summary: Summary, path: Path) -> Path | None:
         ax.set(title=arm.label, xlabel="step", ylabel="accuracy (%)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def write_summary(summary: Summary, out: Path) -> tuple[Path, list[Path], list[str]]:
