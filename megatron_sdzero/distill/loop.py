@@ -58,10 +58,10 @@ def distill(config: DistillConfig, hooks: Hooks | None = None) -> dict[str, Any]
 def write_finished(run_dir: Path, result: LoopResult) -> None:
     """``RUN_DIR/finished.json``: the run reached its last step or its budget (not a stop request),
     so a pipeline can tell a finished run from one that is only checkpointed."""
+    from megatron_sdzero.eval.report import write_atomically
+
     record = {"iteration": result.iteration, "exit_reason": result.exit_reason, "last": result.last}
-    tmp = run_dir / f".{FINISHED}.tmp"
-    tmp.write_text(json.dumps(record, indent=2, default=str) + "\n")
-    tmp.replace(run_dir / FINISHED)
+    write_atomically(run_dir / FINISHED, json.dumps(record, indent=2, default=str) + "\n")
 
 
 def command(algorithm: str | None) -> Any:

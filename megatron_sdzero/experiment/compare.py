@@ -456,10 +456,9 @@ def run_compare(config: CompareConfig) -> int:
 
 
 def _write_json(path: Path, value: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(value, indent=2) + "\n")
-    tmp.replace(path)
+    from megatron_sdzero.eval.report import write_atomically
+
+    write_atomically(path, json.dumps(value, indent=2) + "\n")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
